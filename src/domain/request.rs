@@ -1,0 +1,234 @@
+//! The job request and cancel/control messages Galaxy publishes, and their validation.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{resources::ResourceValue, ValidationError};
+
+/// Schema identifier carried by every job request.
+pub const REQUEST_SCHEMA: &str = "k8s-job-worker/job-request/v1";
+/// Schema identifier carried by every cancel/control message.
+pub const CONTROL_SCHEMA: &str = "k8s-job-worker/job-cancel/v1";
+
+/// Largest accepted command line, in bytes.
+pub const MAX_COMMAND_LINE: usize = 256 * 1024;
+/// Longest accepted Galaxy job id.
+pub const MAX_JOB_ID: usize = 253;
+
+/// A request to run one Galaxy job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// Must be `k8s-job-worker/job-request/v1`.
+    pub schema: String,
+    /// Galaxy's job id (the runner's `get_id_tag()`).
+    pub job_id: String,
+    /// Resubmission attempt; when given it becomes part of the Job name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Shell command line, run as `/bin/bash -c <command_line>`.
+    pub command_line: String,
+    /// Working directory of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_directory: Option<String>,
+    /// Container image: a full reference or its parts.
+    pub image: ImageRef,
+    /// CPU request: integer n = n CPUs, float x = (1000·x)m, string passes through, 0 = unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_cpu: Option<ResourceValue>,
+    /// Memory request: integer n = nG, float x = (1000·x)M, string passes through, 0 = unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_memory: Option<ResourceValue>,
+    /// CPU limit, same forms as `requests_cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_cpu: Option<ResourceValue>,
+    /// Memory limit, same forms as `requests_memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_memory: Option<ResourceValue>,
+    /// Pod retrials allowed before the job fails (the Job's backoffLimit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pod_retrials: Option<u32>,
+    /// Environment variables of the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Galaxy destination id; the container is named after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_id: Option<String>,
+    /// Extra labels on the Job and its pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the Job and its pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A container image, as one reference or as Galaxy's destination parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ImageRef {
+    /// A complete reference such as `quay.io/biocontainers/samtools:1.17`.
+    Reference(String),
+    /// `repo/owner/image:tag`, each part optional but `image`.
+    Parts {
+        /// Registry or repository prefix.
+        #[serde(default)]
+        repo: Option<String>,
+        /// Owner or organisation.
+        #[serde(default)]
+        owner: Option<String>,
+        /// Image name.
+        image: String,
+        /// Tag.
+        #[serde(default)]
+        tag: Option<String>,
+    },
+}
+
+impl ImageRef {
+    /// The image reference as the runner assembled it: `repo/owner/image:tag`.
+    pub fn reference(&self) -> String {
+        match self {
+            ImageRef::Reference(r) => r.clone(),
+            ImageRef::Parts { repo, owner, image, tag } => {
+                let mut out = String::new();
+                for part in [repo, owner].into_iter().flatten().filter(|p| !p.is_empty()) {
+                    out.push_str(part);
+                    out.push('/');
+                }
+                out.push_str(image);
+                if let Some(tag) = tag.as_deref().filter(|t| !t.is_empty()) {
+                    out.push(':');
+                    out.push_str(tag);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// One environment variable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    /// Variable name (a C identifier).
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// What a control message asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    /// Stop the job (or keep it from starting) and report `cancelled`.
+    Cancel,
+}
+
+/// A message on the cancel/control queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobControl {
+    /// Must be `k8s-job-worker/job-cancel/v1`.
+    pub schema: String,
+    /// Galaxy's job id.
+    pub job_id: String,
+    /// Attempt of the request to act on, when requests carry one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The action; `cancel` when absent.
+    #[serde(default = "default_action")]
+    pub action: ControlAction,
+    /// Why, for the `cancelled` event's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn default_action() -> ControlAction {
+    ControlAction::Cancel
+}
+
+/// Best effort: the job id of a message that failed to parse, so a `failed` event can name it.
+pub fn readable_job_id(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let id = value.get("job_id")?;
+    let id = match id {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    (!id.is_empty() && id.len() <= MAX_JOB_ID && !id.chars().any(char::is_control)).then_some(id)
+}
+
+/// Parses a request body; every way it can be wrong becomes a [`ValidationError`].
+pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, ValidationError> {
+    if body.len() > max_bytes {
+        return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
+    }
+    let request: JobRequest =
+        serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+    if request.schema != REQUEST_SCHEMA {
+        return Err(ValidationError::Schema(format!(
+            "schema is {:?}, expected {REQUEST_SCHEMA:?}",
+            request.schema
+        )));
+    }
+    check_job_id(&request.job_id)?;
+    if request.command_line.trim().is_empty() {
+        return Err(ValidationError::invalid("command_line", "is empty"));
+    }
+    if request.command_line.len() > MAX_COMMAND_LINE {
+        return Err(ValidationError::invalid("command_line", "is longer than 256 KiB"));
+    }
+    let image = request.image.reference();
+    if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ValidationError::invalid("image", format!("{image:?} is not an image reference")));
+    }
+    if let Some(dir) = &request.working_directory {
+        if !dir.starts_with('/') {
+            return Err(ValidationError::invalid("working_directory", "must be an absolute path"));
+        }
+    }
+    for var in &request.env {
+        let ok = !var.name.is_empty()
+            && !var.name.starts_with(|c: char| c.is_ascii_digit())
+            && var.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(ValidationError::invalid("env", format!("{:?} is not a variable name", var.name)));
+        }
+    }
+    for (key, value) in &request.labels {
+        super::naming::check_label(key, value)
+            .map_err(|why| ValidationError::invalid("labels", why))?;
+    }
+    for key in request.annotations.keys() {
+        super::naming::check_label_key(key)
+            .map_err(|why| ValidationError::invalid("annotations", why))?;
+    }
+    Ok(request)
+}
+
+/// Parses a control message.
+pub fn parse_control(body: &[u8], max_bytes: usize) -> Result<JobControl, ValidationError> {
+    if body.len() > max_bytes {
+        return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
+    }
+    let control: JobControl =
+        serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+    if control.schema != CONTROL_SCHEMA {
+        return Err(ValidationError::Schema(format!(
+            "schema is {:?}, expected {CONTROL_SCHEMA:?}",
+            control.schema
+        )));
+    }
+    check_job_id(&control.job_id)?;
+    Ok(control)
+}
+
+fn check_job_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() || id.len() > MAX_JOB_ID || id.chars().any(char::is_control) {
+        return Err(ValidationError::invalid("job_id", "must be 1-253 printable characters"));
+    }
+    Ok(())
+}
