@@ -1,1 +1,24 @@
-fn main() {}
+//! The `k8s-job-worker` binary: wires telemetry, settings and the worker or a CLI command.
+
+use clap::Parser;
+
+mod cli;
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn,lapin=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = cli::Cli::parse();
+    init_tracing(cli.log_format.is_json());
+    cli::dispatch(cli).await
+}

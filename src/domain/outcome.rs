@@ -11,6 +11,8 @@ pub struct Termination {
     pub reason: Option<String>,
     /// Kubelet message.
     pub message: Option<String>,
+    /// When the container ended (RFC 3339).
+    pub finished_at: Option<String>,
 }
 
 /// The parts of a pod that decide the outcome.
@@ -148,7 +150,7 @@ mod tests {
             name: name.into(),
             phase: phase.into(),
             terminations: exit
-                .map(|(code, reason)| vec![Termination { exit_code: code, reason: Some(reason.into()), message: None }])
+                .map(|(code, reason)| vec![Termination { exit_code: code, reason: Some(reason.into()), ..Termination::default() }])
                 .unwrap_or_default(),
             created: name.into(),
             ..PodView::default()

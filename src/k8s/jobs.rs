@@ -1,0 +1,170 @@
+//! The Kubernetes side of submitting and cancelling: create-or-adopt, replace, tombstone,
+//! stop, cleanup and log tails. Every call is one API request; nothing polls but the
+//! bounded wait for a replaced Job to disappear.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
+use serde_json::json;
+
+use super::{
+    spec::{ANN_CANCELLED, ANN_REPLACED, ANN_REPORTED},
+    view::job_meta,
+};
+use crate::{
+    context::Context,
+    domain::{event::JobState, ValidationError},
+    error::{Error, Result},
+    observe::JobAction,
+};
+
+fn is_code(err: &kube::Error, code: u16) -> bool {
+    matches!(err, kube::Error::Api(e) if e.code == code)
+}
+
+/// Creates the Job, or adopts / replaces the one that already has its name.
+pub async fn create_or_adopt(ctx: &Context, job: &Job, fingerprint: &str) -> Result<JobAction> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let mut replaced = false;
+    for _ in 0..3 {
+        match ctx.jobs.create(&PostParams::default(), job).await {
+            Ok(_) => return Ok(if replaced { JobAction::Replaced } else { JobAction::Created }),
+            Err(err) if is_code(&err, 409) => {}
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                return Err(ValidationError::invalid("job", format!("the apiserver refused the Job: {}", e.message)).into())
+            }
+            Err(err) => return Err(Error::Kube { verb: "create", source: err }),
+        }
+        let Some(existing) = ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))? else {
+            continue; // vanished between create and get: create again
+        };
+        let meta = job_meta(&existing);
+        if meta.cancelled.is_some() {
+            return Ok(JobAction::AlreadyCancelled);
+        }
+        let trusted = ctx.settings.instance_id().is_some();
+        if trusted && meta.fingerprint == fingerprint && !meta.replaced && !meta.deleting {
+            return Ok(JobAction::Adopted);
+        }
+        let why = if !trusted {
+            "no k8s_galaxy_instance_id configured: an existing Job cannot be trusted"
+        } else if meta.fingerprint != fingerprint {
+            "a newer request with different parameters replaces it"
+        } else {
+            "it was already being deleted"
+        };
+        tracing::info!(job_name = %name, why, "replacing existing Job");
+        if !meta.deleting {
+            mark_and_delete(ctx, &name, &meta.uid, ANN_REPLACED, why).await?;
+        }
+        wait_gone(ctx, &name, &meta.uid).await?;
+        replaced = true;
+    }
+    Err(Error::JobConflict(name))
+}
+
+/// Annotates a Job (so every watcher knows why it goes away) and deletes it with its pods.
+pub async fn mark_and_delete(ctx: &Context, name: &str, uid: &str, annotation: &str, why: &str) -> Result<()> {
+    let patch = json!({"metadata": {"uid": uid, "annotations": {annotation: why}}});
+    match ctx.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => return Ok(()), // gone or replaced already
+        Err(e) => return Err(Error::Kube { verb: "patch", source: e }),
+    }
+    delete(ctx, name, Some(uid)).await
+}
+
+/// Deletes a Job and (in the background) its pods; a missing Job is not an error.
+pub async fn delete(ctx: &Context, name: &str, uid: Option<&str>) -> Result<()> {
+    let dp = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        preconditions: uid.map(|uid| Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match ctx.jobs.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
+        Err(e) => Err(Error::Kube { verb: "delete", source: e }),
+    }
+}
+
+/// Waits until the Job with this uid is gone (`k8s_timeout_seconds_job_deletion`).
+async fn wait_gone(ctx: &Context, name: &str, uid: &str) -> Result<()> {
+    let seconds = ctx.settings.kube.k8s_timeout_seconds_job_deletion;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        match ctx.jobs.get_opt(name).await.map_err(Error::kube("get"))? {
+            None => return Ok(()),
+            Some(job) if job.metadata.uid.as_deref() != Some(uid) => return Ok(()),
+            Some(_) if Instant::now() >= deadline => {
+                return Err(Error::DeletionTimeout { name: name.to_string(), seconds })
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Creates the tombstone that keeps a not-yet-seen request from starting, or returns the
+/// existing Job of that name when there is one.
+pub async fn create_tombstone(ctx: &Context, tombstone: &Job) -> Result<Option<Job>> {
+    match ctx.jobs.create(&PostParams::default(), tombstone).await {
+        Ok(_) => Ok(None),
+        Err(e) if is_code(&e, 409) => {
+            let name = tombstone.metadata.name.clone().unwrap_or_default();
+            ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))
+        }
+        Err(e) => Err(Error::Kube { verb: "create", source: e }),
+    }
+}
+
+/// Stops a Job from making more pods (after an OOM kill: retrying with the same limit is pointless).
+pub async fn stop(ctx: &Context, name: &str) -> Result<()> {
+    let patch = json!({"spec": {"parallelism": 0}});
+    match ctx.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 404) => Ok(()),
+        Err(e) => Err(Error::Kube { verb: "patch", source: e }),
+    }
+}
+
+/// After a confirmed terminal event: delete the Job per `k8s_cleanup_job`, or record that
+/// the event went out so a restarted worker does not send it again.
+pub async fn after_terminal(ctx: &Context, name: &str, uid: &str, state: JobState) -> Result<()> {
+    use crate::config::CleanupPolicy::*;
+    let delete_it = match ctx.settings.kube.k8s_cleanup_job {
+        Always => true,
+        Onsuccess => state == JobState::Succeeded,
+        Never => false,
+    };
+    if delete_it {
+        return delete(ctx, name, Some(uid)).await;
+    }
+    let patch = json!({"metadata": {"uid": uid, "annotations": {ANN_REPORTED: state.as_str()}}});
+    match ctx.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
+        Err(e) => Err(Error::Kube { verb: "patch", source: e }),
+    }
+}
+
+/// The last `max_bytes` of a pod's log, or `None` when it cannot be read.
+pub async fn log_tail(ctx: &Context, pod: &str, max_bytes: usize) -> Option<String> {
+    if max_bytes == 0 {
+        return None;
+    }
+    let pods: &Api<Pod> = &ctx.pods;
+    let params = LogParams { tail_lines: Some((max_bytes / 16).max(200) as i64), ..LogParams::default() };
+    match pods.logs(pod, &params).await {
+        Ok(log) => Some(crate::domain::event::log_tail(&log, max_bytes)),
+        Err(err) => {
+            tracing::debug!(pod, %err, "pod log not readable");
+            None
+        }
+    }
+}
+
+/// Whether a cancel annotation is present (for the control path).
+pub fn is_cancelled(job: &Job) -> bool {
+    job.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANN_CANCELLED))
+}

@@ -1,0 +1,6 @@
+//! Kubernetes adapter: Job spec building (pure), object views (pure), API calls.
+
+pub mod client;
+pub mod jobs;
+pub mod spec;
+pub mod view;

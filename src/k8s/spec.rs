@@ -1,0 +1,255 @@
+//! Builds the Kubernetes Job for a request, the way Galaxy's runner built it. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        batch::v1::{Job, JobSpec},
+        core::v1::{
+            Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+            PodTemplateSpec, ResourceRequirements, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+};
+
+use crate::{
+    config::{parse_resource, KubeSettings},
+    domain::{
+        naming,
+        request::JobRequest,
+        resources::{Resource, ResourceValue},
+        ValidationError,
+    },
+};
+
+/// Label every Job and pod of this worker carries.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "k8s-job-worker");
+/// Label with the Galaxy instance id.
+pub const LABEL_INSTANCE: &str = "k8s-job-worker/instance-id";
+/// Label with the Galaxy job id (made label-safe).
+pub const LABEL_JOB_ID: &str = "k8s-job-worker/galaxy-job-id";
+/// Annotation with the exact Galaxy job id.
+pub const ANN_JOB_ID: &str = "k8s-job-worker/galaxy-job-id";
+/// Annotation with the request's attempt number.
+pub const ANN_ATTEMPT: &str = "k8s-job-worker/attempt";
+/// Annotation with the request fingerprint; a different fingerprint means a different request.
+pub const ANN_FINGERPRINT: &str = "k8s-job-worker/fingerprint";
+/// Annotation set when a cancel was received; the Job's outcome is then `cancelled`.
+pub const ANN_CANCELLED: &str = "k8s-job-worker/cancelled";
+/// Annotation set before an outdated or untrusted Job is deleted to be replaced.
+pub const ANN_REPLACED: &str = "k8s-job-worker/replaced";
+/// Annotation recording the terminal state whose event the broker confirmed.
+pub const ANN_REPORTED: &str = "k8s-job-worker/reported";
+
+/// Fingerprint of a request: equal requests give equal fingerprints.
+pub fn fingerprint(request: &JobRequest) -> String {
+    let canonical = serde_json::to_vec(request).unwrap_or_default();
+    naming::short_hash(&canonical, 16)
+}
+
+/// The Job name for a request under these settings.
+pub fn job_name_for(settings: &KubeSettings, job_id: &str, attempt: Option<u32>) -> String {
+    naming::job_name(
+        &settings.k8s_job_name_prefix,
+        settings.k8s_galaxy_instance_id.as_deref(),
+        job_id,
+        attempt,
+    )
+}
+
+/// Labels that select every Job of this worker's instance.
+pub fn instance_selector(settings: &KubeSettings) -> String {
+    let (k, v) = MANAGED_BY;
+    match &settings.k8s_galaxy_instance_id {
+        Some(id) => format!("{k}={v},{LABEL_INSTANCE}={id}"),
+        None => format!("{k}={v},!{LABEL_INSTANCE}"),
+    }
+}
+
+fn base_labels(settings: &KubeSettings, name: &str, job_id: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        ("app".to_string(), name.to_string()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (LABEL_JOB_ID.to_string(), naming::label_value(job_id)),
+    ]);
+    if let Some(id) = &settings.k8s_galaxy_instance_id {
+        labels.insert(LABEL_INSTANCE.to_string(), id.clone());
+    }
+    labels
+}
+
+fn resource(
+    from_request: &Option<ResourceValue>,
+    default: &Option<String>,
+    kind: Resource,
+    field: &'static str,
+) -> Result<Option<Quantity>, ValidationError> {
+    let value = match from_request {
+        Some(v) => v.clone(),
+        None => match default {
+            Some(d) => parse_resource(d),
+            None => return Ok(None),
+        },
+    };
+    value
+        .quantity(kind)
+        .map(|q| q.map(Quantity))
+        .map_err(|why| ValidationError::invalid(field, why))
+}
+
+/// Builds the Job for a validated request.
+pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, ValidationError> {
+    let name = job_name_for(settings, &request.job_id, request.attempt);
+    let mut labels = request.labels.clone();
+    labels.extend(base_labels(settings, &name, &request.job_id));
+    let mut annotations = request.annotations.clone();
+    annotations.insert(ANN_JOB_ID.into(), request.job_id.clone());
+    annotations.insert(ANN_FINGERPRINT.into(), fingerprint(request));
+    if let Some(attempt) = request.attempt {
+        annotations.insert(ANN_ATTEMPT.into(), attempt.to_string());
+    }
+
+    let k = settings;
+    let quantities = |entries: [(&str, Option<Quantity>); 2]| -> BTreeMap<String, Quantity> {
+        entries.into_iter().filter_map(|(key, q)| Some((key.to_string(), q?))).collect()
+    };
+    let requests = quantities([
+        ("cpu", resource(&request.requests_cpu, &k.k8s_default_requests_cpu, Resource::Cpu, "requests_cpu")?),
+        ("memory", resource(&request.requests_memory, &k.k8s_default_requests_memory, Resource::Memory, "requests_memory")?),
+    ]);
+    let limits = quantities([
+        ("cpu", resource(&request.limits_cpu, &k.k8s_default_limits_cpu, Resource::Cpu, "limits_cpu")?),
+        ("memory", resource(&request.limits_memory, &k.k8s_default_limits_memory, Resource::Memory, "limits_memory")?),
+    ]);
+
+    let pull_policy = k
+        .k8s_pull_policy
+        .as_deref()
+        .filter(|p| matches!(*p, "Always" | "IfNotPresent" | "Never"))
+        .map(str::to_string);
+    let (volumes, mounts) = match (&k.k8s_persistent_volume_claim_name, &k.k8s_persistent_volume_claim_mount_path) {
+        (Some(claim), Some(path)) => (
+            Some(vec![Volume {
+                name: "galaxy-data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            }]),
+            Some(vec![VolumeMount {
+                name: "galaxy-data".into(),
+                mount_path: path.clone(),
+                ..VolumeMount::default()
+            }]),
+        ),
+        _ => (None, None),
+    };
+    let positive = |g: Option<i64>| g.filter(|g| *g > 0);
+    let security = (positive(k.k8s_fs_group_id).is_some() || positive(k.k8s_supplemental_group_id).is_some())
+        .then(|| PodSecurityContext {
+            fs_group: positive(k.k8s_fs_group_id),
+            supplemental_groups: positive(k.k8s_supplemental_group_id).map(|g| vec![g]),
+            ..PodSecurityContext::default()
+        });
+    let env: Vec<EnvVar> = request
+        .env
+        .iter()
+        .map(|v| EnvVar { name: v.name.clone(), value: Some(v.value.clone()), value_from: None })
+        .collect();
+
+    let container = Container {
+        name: naming::container_name(request.destination_id.as_deref()),
+        image: Some(request.image.reference()),
+        command: Some(vec!["/bin/bash".into(), "-c".into(), request.command_line.clone()]),
+        working_dir: request.working_directory.clone(),
+        env: (!env.is_empty()).then_some(env),
+        image_pull_policy: pull_policy,
+        resources: (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
+            requests: (!requests.is_empty()).then_some(requests),
+            limits: (!limits.is_empty()).then_some(limits),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: mounts,
+        ..Container::default()
+    };
+    let retrials = request.max_pod_retrials.unwrap_or(k.k8s_pod_retrials);
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(k.k8s_namespace.clone()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(i32::try_from(retrials).unwrap_or(i32::MAX)),
+            completions: Some(1),
+            parallelism: Some(1),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![container],
+                    volumes,
+                    security_context: security,
+                    // Galaxy tools have no business with the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// A Job that keeps a cancelled-but-unseen request from starting: same name, no pods
+/// (`parallelism: 0`), gone after `k8s_cancel_tombstone_seconds` via its deadline and TTL.
+pub fn cancel_tombstone(settings: &KubeSettings, job_id: &str, attempt: Option<u32>, reason: &str) -> Job {
+    let name = job_name_for(settings, job_id, attempt);
+    let labels = base_labels(settings, &name, job_id);
+    let mut annotations = BTreeMap::from([
+        (ANN_JOB_ID.to_string(), job_id.to_string()),
+        (ANN_CANCELLED.to_string(), reason.to_string()),
+    ]);
+    if let Some(attempt) = attempt {
+        annotations.insert(ANN_ATTEMPT.into(), attempt.to_string());
+    }
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(settings.k8s_namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            parallelism: Some(0),
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(settings.k8s_cancel_tombstone_seconds.max(1)),
+            ttl_seconds_after_finished: Some(0),
+            template: PodTemplateSpec {
+                metadata: None,
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![Container {
+                        name: "cancelled".into(),
+                        image: Some("cancelled".into()),
+                        command: Some(vec!["/bin/true".into()]),
+                        ..Container::default()
+                    }],
+                    automount_service_account_token: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}

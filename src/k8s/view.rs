@@ -1,0 +1,141 @@
+//! Turns Kubernetes Job and Pod objects into the small domain views the tracker keeps.
+
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+
+use super::spec::{ANN_ATTEMPT, ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED};
+use crate::domain::{
+    event::JobState,
+    outcome::{JobView, PodView, Termination},
+};
+
+/// What the tracker remembers about one Job object.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobMeta {
+    /// Job name.
+    pub name: String,
+    /// Object uid (a replaced Job has the same name and a new uid).
+    pub uid: String,
+    /// Galaxy job id.
+    pub job_id: String,
+    /// Request attempt.
+    pub attempt: Option<u32>,
+    /// Request fingerprint.
+    pub fingerprint: String,
+    /// Set when a cancel was received for it.
+    pub cancelled: Option<String>,
+    /// Set when it is being replaced by a newer request.
+    pub replaced: bool,
+    /// Terminal state already confirmed by the broker.
+    pub reported: Option<JobState>,
+    /// Whether Kubernetes is deleting it.
+    pub deleting: bool,
+}
+
+fn rfc3339(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> String {
+    t.0.to_string()
+}
+
+/// Extracts the tracker's view of a Job.
+pub fn job_meta(job: &Job) -> JobMeta {
+    let ann = job.metadata.annotations.clone().unwrap_or_default();
+    JobMeta {
+        name: job.metadata.name.clone().unwrap_or_default(),
+        uid: job.metadata.uid.clone().unwrap_or_default(),
+        job_id: ann.get(ANN_JOB_ID).cloned().unwrap_or_default(),
+        attempt: ann.get(ANN_ATTEMPT).and_then(|a| a.parse().ok()),
+        fingerprint: ann.get(ANN_FINGERPRINT).cloned().unwrap_or_default(),
+        cancelled: ann.get(ANN_CANCELLED).cloned(),
+        replaced: ann.contains_key(ANN_REPLACED),
+        reported: ann.get(ANN_REPORTED).and_then(|s| JobState::parse(s)),
+        deleting: job.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Extracts the parts of a Job's status that decide its outcome.
+pub fn job_view(job: &Job) -> JobView {
+    let status = job.status.as_ref();
+    let condition = |kind: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind && c.status == "True"))
+    };
+    JobView {
+        complete: condition("Complete").is_some(),
+        failed: condition("Failed").map(|c| {
+            (c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default())
+        }),
+        backoff_limit: job.spec.as_ref().and_then(|s| s.backoff_limit).unwrap_or(6),
+        finished_at: status
+            .and_then(|s| s.completion_time.as_ref())
+            .map(rfc3339)
+            .or_else(|| condition("Failed").and_then(|c| c.last_transition_time.as_ref()).map(rfc3339)),
+    }
+}
+
+/// The uid of the Job that owns a pod.
+pub fn pod_owner(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "Job" && o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
+/// Extracts the parts of a pod that decide its Job's outcome.
+pub fn pod_view(pod: &Pod) -> PodView {
+    let status = pod.status.as_ref();
+    let terminations = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|cs| cs.state.as_ref()?.terminated.as_ref())
+        .map(|t| Termination {
+            exit_code: t.exit_code,
+            reason: t.reason.clone(),
+            message: t.message.clone(),
+            finished_at: t.finished_at.as_ref().map(rfc3339),
+        })
+        .collect();
+    PodView {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+        terminations,
+        reason: status.and_then(|s| s.reason.clone()),
+        message: status.and_then(|s| s.message.clone()),
+        created: pod.metadata.creation_timestamp.as_ref().map(rfc3339).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn views_from_objects() {
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "galaxy-main-1", "uid": "u1",
+                "annotations": {ANN_JOB_ID: "1", ANN_FINGERPRINT: "fp", ANN_REPORTED: "succeeded"}},
+            "spec": {"backoffLimit": 2, "template": {}},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]}
+        }))
+        .unwrap();
+        let meta = job_meta(&job);
+        assert_eq!((meta.job_id.as_str(), meta.reported), ("1", Some(JobState::Succeeded)));
+        let view = job_view(&job);
+        assert!(view.complete && view.failed.is_none() && view.backoff_limit == 2);
+
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                "name": "galaxy-main-1", "uid": "u1", "controller": true}]},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": "c", "image": "i", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}
+        }))
+        .unwrap();
+        assert_eq!(pod_owner(&pod).as_deref(), Some("u1"));
+        let view = pod_view(&pod);
+        assert_eq!(view.terminations[0].reason.as_deref(), Some("OOMKilled"));
+    }
+}

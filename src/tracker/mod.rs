@@ -1,0 +1,144 @@
+//! Tracking: one label-selected watch on Jobs and one on their pods (no per-job polling)
+//! feed [`state::TrackerState`]; the reports it returns are published by executors sharded
+//! by Job name, so the events of one Job keep their order.
+
+pub mod state;
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::{atomic::Ordering, Arc},
+};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use kube::runtime::{watcher, WatchStreamExt};
+use tokio::sync::mpsc;
+
+use self::state::{Report, TrackerState};
+use crate::{
+    context::{Context, EventSubject},
+    domain::event::JobState,
+    k8s::{jobs, spec},
+    observe::Observation,
+};
+
+/// Number of publishing executors.
+const SHARDS: usize = 8;
+
+enum Change {
+    Job(watcher::Event<Job>),
+    Pod(watcher::Event<Pod>),
+}
+
+fn job_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
+    let config = watcher::Config::default().labels(&spec::instance_selector(&ctx.settings.kube));
+    watcher(ctx.jobs.clone(), config)
+        .default_backoff()
+        .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "job watch error")).ok() })
+        .map(Change::Job)
+}
+
+fn pod_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
+    let config = watcher::Config::default().labels(&spec::instance_selector(&ctx.settings.kube));
+    watcher(ctx.pods.clone(), config)
+        .default_backoff()
+        .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "pod watch error")).ok() })
+        .map(Change::Pod)
+}
+
+/// Runs until shutdown: watch, classify, publish.
+pub async fn run(ctx: Arc<Context>) {
+    let mut senders = Vec::with_capacity(SHARDS);
+    let mut executors = tokio::task::JoinSet::new();
+    for _ in 0..SHARDS {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        executors.spawn(execute(ctx.clone(), rx));
+    }
+    let mut state = TrackerState::default();
+    let changes = futures::stream::select(job_changes(&ctx), pod_changes(&ctx));
+    futures::pin_mut!(changes);
+    loop {
+        let change = tokio::select! {
+            _ = ctx.shutdown.wait() => break,
+            change = changes.next() => match change { Some(c) => c, None => break },
+        };
+        let reports = apply(&mut state, change);
+        if state.synced() && !ctx.watch_synced.swap(true, Ordering::Relaxed) {
+            tracing::info!("job and pod watches synced");
+        }
+        for report in reports {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            report.meta.name.hash(&mut hasher);
+            let _ = senders[(hasher.finish() as usize) % SHARDS].send(report);
+        }
+        for (label, count) in state.counts() {
+            ctx.metrics.observe(Observation::Tracked { state: label, count });
+        }
+    }
+    drop(senders);
+    while executors.join_next().await.is_some() {}
+}
+
+fn apply(state: &mut TrackerState, change: Change) -> Vec<Report> {
+    use watcher::Event::*;
+    match change {
+        Change::Job(Apply(job)) | Change::Job(InitApply(job)) => state.apply_job(&job).into_iter().collect(),
+        Change::Job(Delete(job)) => state.delete_job(&job).into_iter().collect(),
+        Change::Job(Init) => {
+            state.begin_job_relist();
+            Vec::new()
+        }
+        Change::Job(InitDone) => state.end_job_relist(),
+        Change::Pod(Apply(pod)) | Change::Pod(InitApply(pod)) => state.apply_pod(&pod).into_iter().collect(),
+        Change::Pod(Delete(pod)) => {
+            state.delete_pod(&pod);
+            Vec::new()
+        }
+        Change::Pod(Init) => {
+            state.begin_pod_relist();
+            Vec::new()
+        }
+        Change::Pod(InitDone) => state.end_pod_relist(),
+    }
+}
+
+/// Publishes reports in order; for terminal ones, stops OOM-killed Jobs, attaches the log
+/// tail, and cleans up only after the broker confirmed the event.
+async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>) {
+    while let Some(report) = reports.recv().await {
+        let meta = &report.meta;
+        let state = report.outcome.state;
+        if state == JobState::OomKilled && report.exists {
+            if let Err(err) = jobs::stop(&ctx, &meta.name).await {
+                let error = err.to_string();
+                ctx.metrics.observe(Observation::KubeError { verb: "patch", job_name: &meta.name, error: &error });
+            }
+        }
+        let subject = EventSubject {
+            job_id: &meta.job_id,
+            attempt: meta.attempt,
+            job_name: &meta.name,
+            fingerprint: &meta.fingerprint,
+        };
+        let mut event = ctx.event(&subject, state, report.outcome.reason.clone());
+        event.exit_code = report.outcome.exit_code;
+        event.pods = report.pods.clone();
+        event.occurred_at = report.occurred_at.clone();
+        if state.is_terminal() {
+            if let Some(last) = report.pods.last() {
+                event.log_tail = jobs::log_tail(&ctx, last, ctx.settings.worker.log_tail_bytes).await;
+            }
+        }
+        let since = report.occurred_at.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        if !ctx.publish_until_confirmed(&mut event, since).await {
+            continue; // shutting down: a restarted worker reports it again
+        }
+        if state.is_terminal() && report.exists {
+            if let Err(err) = jobs::after_terminal(&ctx, &meta.name, &meta.uid, state).await {
+                let error = err.to_string();
+                ctx.metrics.observe(Observation::KubeError { verb: "delete", job_name: &meta.name, error: &error });
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! What the worker knows about its Jobs, built only from watch events, and the reports it
+//! owes Galaxy. Pure: fed Job and Pod objects, it returns [`Report`]s; tests drive it directly.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+
+use crate::{
+    domain::{
+        event::JobState,
+        outcome::{classify, JobView, Outcome, PodView},
+    },
+    k8s::view::{job_meta, job_view, pod_owner, pod_view, JobMeta},
+};
+
+/// An event the worker must publish for a Job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The Job.
+    pub meta: JobMeta,
+    /// Its classified outcome.
+    pub outcome: Outcome,
+    /// Its pods, oldest first.
+    pub pods: Vec<String>,
+    /// When the reported state was reached, when known (RFC 3339).
+    pub occurred_at: Option<String>,
+    /// Whether the Job object still exists (cleanup and log tails need it).
+    pub exists: bool,
+}
+
+struct Tracked {
+    meta: JobMeta,
+    view: JobView,
+    /// Highest state already handed out for publishing.
+    emitted: Option<JobState>,
+}
+
+fn rank(state: Option<JobState>) -> u8 {
+    match state {
+        None | Some(JobState::Submitted) => 0,
+        Some(JobState::Running) => 1,
+        Some(_) => 2,
+    }
+}
+
+/// Jobs and pods by Job uid.
+#[derive(Default)]
+pub struct TrackerState {
+    jobs: HashMap<String, Tracked>,
+    pods: HashMap<String, BTreeMap<String, PodView>>,
+    jobs_synced: bool,
+    pods_synced: bool,
+    relisting_jobs: Option<HashSet<String>>,
+    relisting_pods: Option<HashSet<(String, String)>>,
+}
+
+impl TrackerState {
+    /// Whether both watches have listed everything once; nothing is reported before.
+    pub fn synced(&self) -> bool {
+        self.jobs_synced && self.pods_synced
+    }
+
+    /// Number of tracked Jobs by highest emitted state (for the metrics gauge).
+    pub fn counts(&self) -> [(&'static str, i64); 3] {
+        let mut counts = [("submitted", 0), ("running", 0), ("finished", 0)];
+        for t in self.jobs.values() {
+            counts[rank(t.emitted) as usize].1 += 1;
+        }
+        counts
+    }
+
+    /// A Job was added or changed.
+    pub fn apply_job(&mut self, job: &Job) -> Option<Report> {
+        let meta = job_meta(job);
+        if let Some(seen) = self.relisting_jobs.as_mut() {
+            seen.insert(meta.uid.clone());
+        }
+        let uid = meta.uid.clone();
+        let view = job_view(job);
+        let entry = self.jobs.entry(uid.clone()).or_insert_with(|| Tracked {
+            // A terminal state recorded on the object was already confirmed by the broker.
+            emitted: meta.reported,
+            meta: meta.clone(),
+            view: view.clone(),
+        });
+        entry.meta = meta;
+        entry.view = view;
+        self.evaluate(&uid, true)
+    }
+
+    /// A Job was deleted (its last state is given).
+    pub fn delete_job(&mut self, job: &Job) -> Option<Report> {
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let report = if self.jobs.contains_key(&uid) {
+            self.apply_job(job);
+            self.gone(&uid)
+        } else {
+            None
+        };
+        self.jobs.remove(&uid);
+        self.pods.remove(&uid);
+        report
+    }
+
+    /// What a vanished Job still owes: its terminal event, or `lost`.
+    fn gone(&mut self, uid: &str) -> Option<Report> {
+        let tracked = self.jobs.get(uid)?;
+        if tracked.meta.cancelled.is_some() || tracked.meta.replaced || rank(tracked.emitted) == 2 {
+            return None;
+        }
+        let mut report = self.evaluate(uid, false);
+        if report.as_ref().is_some_and(|r| r.outcome.state.is_terminal()) {
+            return report;
+        }
+        let tracked = self.jobs.get_mut(uid)?;
+        tracked.emitted = Some(JobState::Lost);
+        let pods = self.pods.get(uid).map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        report = Some(Report {
+            meta: tracked.meta.clone(),
+            outcome: Outcome {
+                state: JobState::Lost,
+                reason: "the Kubernetes Job was deleted before it finished, and not by a cancel".into(),
+                exit_code: None,
+            },
+            pods,
+            occurred_at: Some(jiff::Timestamp::now().to_string()),
+            exists: false,
+        });
+        report
+    }
+
+    /// A pod was added or changed.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Option<Report> {
+        let owner = pod_owner(pod)?;
+        let view = pod_view(pod);
+        if let Some(seen) = self.relisting_pods.as_mut() {
+            seen.insert((owner.clone(), view.name.clone()));
+        }
+        self.pods.entry(owner.clone()).or_default().insert(view.name.clone(), view);
+        self.evaluate(&owner, true)
+    }
+
+    /// A pod was deleted: forget it (its Job's outcome was already decided, or will be by the Job).
+    pub fn delete_pod(&mut self, pod: &Pod) {
+        if let (Some(owner), Some(name)) = (pod_owner(pod), pod.metadata.name.as_ref()) {
+            if let Some(pods) = self.pods.get_mut(&owner) {
+                // Keep the view while its Job lives: an OOM kill must not be forgotten.
+                if !self.jobs.contains_key(&owner) {
+                    pods.remove(name);
+                }
+            }
+        }
+    }
+
+    /// The Job watch starts a full list.
+    pub fn begin_job_relist(&mut self) {
+        self.relisting_jobs = Some(HashSet::new());
+    }
+
+    /// The Job list is complete: Jobs not in it vanished while the watch was down.
+    pub fn end_job_relist(&mut self) -> Vec<Report> {
+        self.jobs_synced = true;
+        let seen = self.relisting_jobs.take().unwrap_or_default();
+        let vanished: Vec<String> = self.jobs.keys().filter(|uid| !seen.contains(*uid)).cloned().collect();
+        let mut reports: Vec<Report> = vanished
+            .iter()
+            .filter_map(|uid| {
+                let r = self.gone(uid);
+                self.jobs.remove(uid);
+                self.pods.remove(uid);
+                r
+            })
+            .collect();
+        reports.extend(self.evaluate_all());
+        reports
+    }
+
+    /// The pod watch starts a full list.
+    pub fn begin_pod_relist(&mut self) {
+        self.relisting_pods = Some(HashSet::new());
+    }
+
+    /// The pod list is complete.
+    pub fn end_pod_relist(&mut self) -> Vec<Report> {
+        self.pods_synced = true;
+        if let Some(seen) = self.relisting_pods.take() {
+            for (owner, pods) in self.pods.iter_mut() {
+                if !self.jobs.contains_key(owner) {
+                    pods.retain(|name, _| seen.contains(&(owner.clone(), name.clone())));
+                }
+            }
+        }
+        self.evaluate_all()
+    }
+
+    fn evaluate_all(&mut self) -> Vec<Report> {
+        let uids: Vec<String> = self.jobs.keys().cloned().collect();
+        uids.iter().filter_map(|uid| self.evaluate(uid, true)).collect()
+    }
+
+    /// Classifies one Job; returns a report when it reached a state not yet emitted.
+    fn evaluate(&mut self, uid: &str, exists: bool) -> Option<Report> {
+        if !self.synced() {
+            return None;
+        }
+        let tracked = self.jobs.get_mut(uid)?;
+        if tracked.meta.cancelled.is_some() || tracked.meta.replaced || tracked.meta.fingerprint.is_empty() {
+            return None;
+        }
+        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let outcome = classify(&tracked.view, &pods);
+        if outcome.state == JobState::Submitted || rank(Some(outcome.state)) <= rank(tracked.emitted) {
+            return None;
+        }
+        tracked.emitted = Some(outcome.state);
+        let mut sorted = pods;
+        sorted.sort_by(|a, b| a.created.cmp(&b.created));
+        let occurred_at = if outcome.state.is_terminal() {
+            sorted
+                .iter()
+                .rev()
+                .flat_map(|p| p.terminations.iter())
+                .filter_map(|t| t.finished_at.clone())
+                .max()
+                .or_else(|| tracked.view.finished_at.clone())
+        } else {
+            None
+        };
+        Some(Report {
+            meta: tracked.meta.clone(),
+            outcome,
+            pods: sorted.into_iter().map(|p| p.name).collect(),
+            occurred_at,
+            exists,
+        })
+    }
+}
