@@ -52,7 +52,7 @@ pub struct AmqpSettings {
     #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "quorum")]
     pub queue_type: QueueType,
     /// Deliveries of one message before a quorum queue dead-letters it (poison messages).
-    #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 5)]
+    #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
     /// Requests in flight per worker (the consumer prefetch).
     #[arg(long, env = "AMQP_PREFETCH", default_value_t = 32)]
@@ -172,7 +172,8 @@ impl Settings {
         if let Some(id) = &self.kube.k8s_galaxy_instance_id {
             naming::check_instance_id(id)?;
         }
-        if naming::job_name(&self.kube.k8s_job_name_prefix, None, "1", None) != format!("{}-1", self.kube.k8s_job_name_prefix)
+        if naming::job_name(&self.kube.k8s_job_name_prefix, None, "1", None)
+            != format!("{}-1", self.kube.k8s_job_name_prefix)
             || self.kube.k8s_job_name_prefix.len() > 20
         {
             return Err(format!(
@@ -191,10 +192,7 @@ impl Settings {
                 parse_resource(v).quantity(resource).map_err(|e| format!("{name}: {e}"))?;
             }
         }
-        match (
-            &self.kube.k8s_persistent_volume_claim_name,
-            &self.kube.k8s_persistent_volume_claim_mount_path,
-        ) {
+        match (&self.kube.k8s_persistent_volume_claim_name, &self.kube.k8s_persistent_volume_claim_mount_path) {
             (Some(_), None) | (None, Some(_)) => {
                 return Err("k8s_persistent_volume_claim_name and k8s_persistent_volume_claim_mount_path \
                             must be set together"

@@ -104,7 +104,11 @@ impl Context {
                         let d = jiff::Timestamp::now().duration_since(t);
                         std::time::Duration::try_from(d).ok()
                     });
-                    self.metrics.observe(crate::observe::Observation::EventPublished { event, confirm, since_transition });
+                    self.metrics.observe(crate::observe::Observation::EventPublished {
+                        event,
+                        confirm,
+                        since_transition,
+                    });
                     return true;
                 }
                 Err(error) => {

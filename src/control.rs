@@ -64,7 +64,8 @@ async fn cancel(ctx: &Context, body: &[u8]) -> Result<(), Error> {
         }
         fingerprint = meta.fingerprint;
     }
-    let subject = EventSubject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: &fingerprint };
+    let subject =
+        EventSubject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: &fingerprint };
     let mut event = ctx.event(&subject, JobState::Cancelled, reason);
     if ctx.publish_until_confirmed(&mut event, None).await {
         Ok(())

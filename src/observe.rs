@@ -103,29 +103,39 @@ pub enum Observation<'a> {
     },
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Label {
-    label: String,
+macro_rules! label_set {
+    ($name:ident, $field:ident) => {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct $name {
+            $field: String,
+        }
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                $name { $field: value.to_string() }
+            }
+        }
+    };
 }
-
-fn label(s: &str) -> Label {
-    Label { label: s.to_string() }
-}
+label_set!(Outcome, outcome);
+label_set!(Action, action);
+label_set!(State, state);
+label_set!(ErrorKind, error);
+label_set!(Verb, verb);
 
 /// The worker's Prometheus metrics.
 pub struct Metrics {
     /// Registry served on `/metrics`.
     pub registry: Registry,
-    requests: Family<Label, Counter>,
-    jobs: Family<Label, Counter>,
-    events: Family<Label, Counter>,
-    publish_failures: Family<Label, Counter>,
-    kube_errors: Family<Label, Counter>,
+    requests: Family<Outcome, Counter>,
+    jobs: Family<Action, Counter>,
+    events: Family<State, Counter>,
+    publish_failures: Family<ErrorKind, Counter>,
+    kube_errors: Family<Verb, Counter>,
     reconnects: Counter,
     confirm_latency: Histogram,
     request_to_job: Histogram,
     terminal_to_event: Histogram,
-    tracked: Family<Label, Gauge>,
+    tracked: Family<State, Gauge>,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -148,8 +158,8 @@ impl Default for Metrics {
             tracked: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Messages consumed, by outcome (label)", m.requests.clone());
-        registry.register("jobs", "Jobs by action: created, adopted, replaced (label)", m.jobs.clone());
+        registry.register("requests", "Messages consumed, by outcome", m.requests.clone());
+        registry.register("jobs", "Jobs by action: created, adopted, replaced, already_cancelled", m.jobs.clone());
         registry.register("events_published", "Result events confirmed by the broker, by state", m.events.clone());
         registry.register("publish_failures", "Failed publish attempts, by error", m.publish_failures.clone());
         registry.register("kube_api_errors", "Kubernetes API errors, by verb", m.kube_errors.clone());
@@ -171,25 +181,35 @@ impl Metrics {
     pub fn observe(&self, o: Observation<'_>) {
         match o {
             Observation::RequestAccepted { job_id, job_name, action, to_job } => {
-                tracing::info!(job_id, job_name, action = action.as_str(), ms = to_job.as_millis() as u64, "request accepted");
-                self.requests.get_or_create(&label("accepted")).inc();
-                self.jobs.get_or_create(&label(action.as_str())).inc();
+                tracing::info!(
+                    job_id,
+                    job_name,
+                    action = action.as_str(),
+                    ms = to_job.as_millis() as u64,
+                    "request accepted"
+                );
+                self.requests.get_or_create(&"accepted".into()).inc();
+                self.jobs.get_or_create(&action.as_str().into()).inc();
                 self.request_to_job.observe(to_job.as_secs_f64());
             }
             Observation::MessageRefused { queue, job_id, kind, reason } => {
                 tracing::warn!(queue, job_id, kind, reason, "message refused and dead-lettered");
-                self.requests.get_or_create(&label(kind)).inc();
+                self.requests.get_or_create(&kind.into()).inc();
             }
             Observation::MessageRequeued { queue, job_id, error } => {
                 tracing::warn!(queue, job_id, error = %error, "message requeued");
-                self.requests.get_or_create(&label("requeued")).inc();
+                self.requests.get_or_create(&"requeued".into()).inc();
             }
             Observation::EventPublished { event, confirm, since_transition } => {
                 tracing::info!(
-                    job_id = event.job_id, job_name = event.job_name, state = event.state.as_str(),
-                    event_id = event.event_id, reason = event.reason, "event published"
+                    job_id = event.job_id,
+                    job_name = event.job_name,
+                    state = event.state.as_str(),
+                    event_id = event.event_id,
+                    reason = event.reason,
+                    "event published"
                 );
-                self.events.get_or_create(&label(event.state.as_str())).inc();
+                self.events.get_or_create(&event.state.as_str().into()).inc();
                 self.confirm_latency.observe(confirm.as_secs_f64());
                 if let Some(lag) = since_transition {
                     self.terminal_to_event.observe(lag.as_secs_f64());
@@ -197,18 +217,18 @@ impl Metrics {
             }
             Observation::PublishFailed { event, error } => {
                 tracing::warn!(job_id = event.job_id, job_name = event.job_name, state = event.state.as_str(), error = %error, "publish failed; will retry");
-                self.publish_failures.get_or_create(&label(error.metric_label())).inc();
+                self.publish_failures.get_or_create(&error.metric_label().into()).inc();
             }
             Observation::KubeError { verb, job_name, error } => {
                 tracing::warn!(verb, job_name, error, "kubernetes API error");
-                self.kube_errors.get_or_create(&label(verb)).inc();
+                self.kube_errors.get_or_create(&verb.into()).inc();
             }
             Observation::BrokerReconnected => {
                 tracing::info!("broker session re-established");
                 self.reconnects.inc();
             }
             Observation::Tracked { state, count } => {
-                self.tracked.get_or_create(&label(state)).set(count);
+                self.tracked.get_or_create(&state.into()).set(count);
             }
         }
     }

@@ -66,7 +66,9 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
     let action = jobs::create_or_adopt(ctx, &job, &fingerprint).await?;
     let to_job = received.elapsed();
     let (state, fingerprint, reason) = match action {
-        JobAction::AlreadyCancelled => (JobState::Cancelled, "", "cancelled before the request was processed".to_string()),
+        JobAction::AlreadyCancelled => {
+            (JobState::Cancelled, "", "cancelled before the request was processed".to_string())
+        }
         JobAction::Created => (JobState::Submitted, fingerprint.as_str(), format!("job {name} created")),
         JobAction::Adopted => (JobState::Submitted, fingerprint.as_str(), format!("existing job {name} adopted")),
         JobAction::Replaced => (JobState::Submitted, fingerprint.as_str(), format!("job {name} replaced")),

@@ -49,7 +49,8 @@ async fn succeeding_job_completes_and_its_logs_are_readable() {
     let client = kube_client().await;
     let ns = unique("env-ok");
     namespace(&client, &ns).await;
-    let (jobs, pods) = run_job(&ns, "ok", job_spec(0, json!({}), container("echo hello from sim-node; exit 0", json!({})))).await;
+    let (jobs, pods) =
+        run_job(&ns, "ok", job_spec(0, json!({}), container("echo hello from sim-node; exit 0", json!({})))).await;
     wait_for("job succeeded", Duration::from_secs(30), || async {
         jobs.get("ok").await.unwrap().status.and_then(|s| s.succeeded) == Some(1)
     })
@@ -69,7 +70,9 @@ async fn exit_code_is_reported_and_retrials_make_new_pods() {
     let (jobs, pods) = run_job(&ns, "three", job_spec(2, json!({}), container("exit 3", json!({})))).await;
     wait_for("job failed", Duration::from_secs(90), || async {
         let job = jobs.get("three").await.unwrap();
-        job.status.and_then(|s| s.conditions).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+        job.status
+            .and_then(|s| s.conditions)
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
     })
     .await;
     let all = pods_of(&pods, "three").await;
@@ -86,7 +89,7 @@ async fn memory_limit_is_enforced_as_oomkilled() {
     let client = kube_client().await;
     let ns = unique("env-oom");
     namespace(&client, &ns).await;
-    let hog = "python3 -c 'import time; x = bytearray(300*1024*1024); time.sleep(10)'";
+    let hog = "head -c 300M /dev/zero | tail";
     let c = container(hog, json!({"resources": {"limits": {"memory": "100M"}}}));
     let (_jobs, pods) = run_job(&ns, "oom", job_spec(0, json!({}), c)).await;
     wait_for("pod OOMKilled", Duration::from_secs(30), || async {
@@ -106,7 +109,9 @@ async fn unsatisfiable_node_selector_is_unschedulable() {
     wait_for("PodScheduled=False/Unschedulable", Duration::from_secs(30), || async {
         pods_of(&pods, "nowhere").await.first().is_some_and(|p| {
             p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+                cs.iter().any(|c| {
+                    c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                })
             })
         })
     })
@@ -125,7 +130,8 @@ async fn missing_image_gives_errimagepull() {
     let (_jobs, pods) = run_job(&ns, "pull", job_spec(0, json!({}), c)).await;
     wait_for("ErrImagePull", Duration::from_secs(30), || async {
         pods_of(&pods, "pull").await.first().is_some_and(|p| {
-            let waiting = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.first().cloned());
+            let waiting =
+                p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.first().cloned());
             waiting.and_then(|c| c.state?.waiting?.reason).as_deref() == Some("ErrImagePull")
         })
     })
@@ -140,11 +146,21 @@ async fn rabbitmq_round_trip_with_confirm_and_ack() {
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let queue = unique("env.roundtrip");
     channel
-        .queue_declare(queue.clone().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            queue.clone().into(),
+            QueueDeclareOptions { auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let confirm = channel
-        .basic_publish("".into(), queue.clone().into(), BasicPublishOptions::default(), b"ping", BasicProperties::default())
+        .basic_publish(
+            "".into(),
+            queue.clone().into(),
+            BasicPublishOptions::default(),
+            b"ping",
+            BasicProperties::default(),
+        )
         .await
         .unwrap()
         .await

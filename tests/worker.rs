@@ -32,7 +32,10 @@ async fn success_reports_submitted_running_succeeded_with_log_tail() {
     assert_eq!(done.instance_id.as_deref(), Some("main"));
     // Cleanup `always`: the Job goes once the terminal event is confirmed.
     let jobs = h.jobs();
-    wait_for("job cleaned up", Duration::from_secs(20), || async { jobs.get_opt("galaxy-main-1").await.unwrap().is_none() }).await;
+    wait_for("job cleaned up", Duration::from_secs(20), || async {
+        jobs.get_opt("galaxy-main-1").await.unwrap().is_none()
+    })
+    .await;
     h.finish().await;
 }
 
@@ -54,7 +57,7 @@ async fn failure_reports_exit_code_and_log_tail() {
 async fn oom_kill_is_its_own_outcome() {
     let mut h = Harness::new("w-oom").await;
     h.start_worker().await;
-    let mut req = request("3", "python3 -c 'import time; x = bytearray(300*1024*1024); time.sleep(10)'");
+    let mut req = request("3", "head -c 300M /dev/zero | tail");
     req["limits_memory"] = json!(0.1); // the runner's float form: 100M
     req["max_pod_retrials"] = json!(3);
     h.submit(&req).await;
@@ -91,7 +94,11 @@ async fn the_same_request_twice_makes_one_job() {
     let req = request("5", "sleep 3");
     h.submit(&req).await;
     h.submit(&req).await;
-    let submitted = h.events_until("5", Duration::from_secs(30), |e| e.iter().filter(|e| e.state == JobState::Submitted).count() == 2).await;
+    let submitted = h
+        .events_until("5", Duration::from_secs(30), |e| {
+            e.iter().filter(|e| e.state == JobState::Submitted).count() == 2
+        })
+        .await;
     let subs: Vec<_> = submitted.iter().filter(|e| e.state == JobState::Submitted).collect();
     assert_eq!(subs[0].event_id, subs[1].event_id, "same job, same state, same id");
     assert_eq!(h.job_names().await, vec!["galaxy-main-5".to_string()]);
@@ -138,7 +145,8 @@ async fn without_instance_id_an_existing_job_is_deleted_and_recreated() {
     h.events_until("7", Duration::from_secs(30), |e| e.iter().any(|e| e.state == JobState::Submitted)).await;
     let first_uid = h.jobs().get("galaxy-7").await.unwrap().metadata.uid;
     h.submit(&req).await;
-    let events = h.events_until("7", Duration::from_secs(60), |e| e.iter().any(|e| e.reason.contains("replaced"))).await;
+    let events =
+        h.events_until("7", Duration::from_secs(60), |e| e.iter().any(|e| e.reason.contains("replaced"))).await;
     assert!(events.iter().any(|e| e.reason.contains("replaced")));
     let second = h.jobs().get_opt("galaxy-7").await.unwrap();
     if let Some(job) = second {
@@ -228,7 +236,8 @@ async fn cancel_of_a_running_job_deletes_it_and_reports_cancelled() {
     assert_eq!(last.reason, "user cancelled");
     let (jobs, pods) = (h.jobs(), h.pods());
     wait_for("job and pods gone", Duration::from_secs(30), || async {
-        jobs.get_opt("galaxy-main-9").await.unwrap().is_none() && pods.list(&ListParams::default()).await.unwrap().items.is_empty()
+        jobs.get_opt("galaxy-main-9").await.unwrap().is_none()
+            && pods.list(&ListParams::default()).await.unwrap().items.is_empty()
     })
     .await;
     let all = h.settle("9", Duration::from_secs(2)).await;

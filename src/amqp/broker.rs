@@ -120,7 +120,8 @@ impl Broker {
         let mut current = self.current.lock().await;
         if current.as_ref().is_some_and(|s| s.generation == generation) {
             if let Some(old) = current.take() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), old.connection.close(320, "reconnecting".into())).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), old.connection.close(320, "reconnecting".into()))
+                    .await;
             }
             self.connected.send_replace(false);
         }
@@ -129,7 +130,8 @@ impl Broker {
     /// Closes the session cleanly (shutdown).
     pub async fn close(&self) {
         if let Some(session) = self.current.lock().await.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), session.connection.close(200, "shutdown".into())).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), session.connection.close(200, "shutdown".into())).await;
         }
         self.connected.send_replace(false);
     }
@@ -137,9 +139,8 @@ impl Broker {
     async fn connect(&self) -> Result<Session> {
         let props = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
         let connect = Connection::connect(&self.settings.amqp_url, props);
-        let connection = tokio::time::timeout(Duration::from_secs(15), connect)
-            .await
-            .map_err(|_| Error::NotConnected)??;
+        let connection =
+            tokio::time::timeout(Duration::from_secs(15), connect).await.map_err(|_| Error::NotConnected)??;
         let setup = connection.create_channel().await?;
         declare_topology(&setup, &self.settings).await?;
         let _ = setup.close(200, "topology declared".into()).await;
@@ -154,10 +155,7 @@ impl Broker {
 /// Arguments of the request and control queues.
 pub fn work_queue_arguments(settings: &AmqpSettings) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(settings.dead_letter_exchange.clone().into()),
-    );
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(settings.dead_letter_exchange.clone().into()));
     if settings.queue_type == QueueType::Quorum {
         args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(settings.delivery_limit)));

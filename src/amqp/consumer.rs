@@ -33,7 +33,12 @@ where
             channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
             let tag = format!("{}-{}", ctx.worker_id, queue);
             let consumer = channel
-                .basic_consume(queue.clone().into(), tag.clone().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    queue.clone().into(),
+                    tag.clone().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             Ok::<_, lapin::Error>((channel, consumer, tag))
         };

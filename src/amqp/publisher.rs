@@ -50,7 +50,7 @@ impl Broker {
                     msg.properties.with_delivery_mode(2),
                 )
                 .await?;
-            Ok::<_, lapin::Error>(confirm.await?)
+            confirm.await
         };
         let outcome = tokio::time::timeout(timeout, attempt).await;
         let confirmation = match outcome {
@@ -67,10 +67,9 @@ impl Broker {
         };
         match confirmation {
             Confirmation::Ack(None) => Ok(started.elapsed()),
-            Confirmation::Ack(Some(_)) => Err(Error::Unroutable {
-                exchange: msg.exchange.to_string(),
-                routing_key: msg.routing_key.to_string(),
-            }),
+            Confirmation::Ack(Some(_)) => {
+                Err(Error::Unroutable { exchange: msg.exchange.to_string(), routing_key: msg.routing_key.to_string() })
+            }
             Confirmation::Nack(_) => Err(Error::Nacked(msg.exchange.to_string())),
             // The publish channel is always in confirm mode; anything else is a bug upstream.
             Confirmation::NotRequested => Err(Error::Nacked(msg.exchange.to_string())),

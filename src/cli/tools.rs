@@ -10,7 +10,10 @@ use k8s_job_worker::domain::{
     request::{self, ImageRef, JobControl, JobRequest},
 };
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
     types::FieldTable,
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
 };
@@ -96,12 +99,19 @@ pub struct EventsArgs {
     /// Stop after this many events.
     #[arg(long)]
     count: Option<usize>,
+    /// Stop after this many terminal events (succeeded, failed, oom_killed, cancelled, lost).
+    #[arg(long)]
+    terminal_count: Option<usize>,
+    /// One readable line per event instead of JSON.
+    #[arg(long)]
+    pretty: bool,
 }
 
 async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(url, ConnectionProperties::default().with_connection_name("k8s-job-worker cli".into()))
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let conn =
+        Connection::connect(url, ConnectionProperties::default().with_connection_name("k8s-job-worker cli".into()))
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, channel))
@@ -128,10 +138,20 @@ async fn publish(channel: &Channel, queue: &str, body: &[u8]) -> anyhow::Result<
 /// Binds a private queue to the result exchange for the given routing pattern.
 async fn event_stream(channel: &Channel, exchange: &str, pattern: &str) -> anyhow::Result<lapin::Consumer> {
     let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .queue_bind(queue.name().clone(), exchange.into(), pattern.into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .with_context(|| format!("binding to exchange {exchange} (is the worker running?)"))?;
     Ok(channel
@@ -212,31 +232,42 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
 
 /// Prints events (one JSON object per line) as they arrive.
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
-    let pattern = format!(
-        "{}.{}",
-        args.instance.as_deref().unwrap_or("*"),
-        args.state.as_deref().unwrap_or("*")
-    );
+    let pattern = format!("{}.{}", args.instance.as_deref().unwrap_or("*"), args.state.as_deref().unwrap_or("*"));
     let (_conn, channel) = connect(&args.broker.amqp_url).await?;
     let mut stream = event_stream(&channel, &args.broker.result_exchange, &pattern).await?;
-    let mut seen = 0;
+    let (mut seen, mut terminal) = (0, 0);
     while let Some(delivery) = stream.next().await {
         let delivery = delivery?;
         let _ = delivery.ack(BasicAckOptions::default()).await;
+        let event = serde_json::from_slice::<JobEvent>(&delivery.data).ok();
         if let Some(job_id) = &args.job_id {
-            let matches = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                .ok()
-                .and_then(|v| v.get("job_id")?.as_str().map(|s| s == job_id))
-                .unwrap_or(false);
-            if !matches {
+            if event.as_ref().is_none_or(|e| &e.job_id != job_id) {
                 continue;
             }
         }
-        println!("{}", String::from_utf8_lossy(&delivery.data));
+        match (&event, args.pretty) {
+            (Some(e), true) => println!("{}", pretty(e)),
+            _ => println!("{}", String::from_utf8_lossy(&delivery.data)),
+        }
         seen += 1;
-        if args.count.is_some_and(|c| seen >= c) {
+        terminal += usize::from(event.as_ref().is_some_and(|e| e.state.is_terminal()));
+        if args.count.is_some_and(|c| seen >= c) || args.terminal_count.is_some_and(|c| terminal >= c) {
             break;
         }
     }
     Ok(())
+}
+
+/// One readable line for an event, with its log tail indented below for terminal states.
+fn pretty(e: &JobEvent) -> String {
+    let mut line = format!("{:<11} job {:<8} {:<24} {}", e.state.as_str(), e.job_id, e.job_name, e.reason);
+    if let Some(code) = e.exit_code {
+        line.push_str(&format!(" [exit {code}]"));
+    }
+    if let Some(tail) = e.log_tail.as_deref().filter(|t| !t.is_empty()) {
+        for l in tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev() {
+            line.push_str(&format!("\n            | {l}"));
+        }
+    }
+    line
 }

@@ -59,7 +59,11 @@ fn sanitise(raw: &str) -> String {
         .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' }
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
         })
         .collect();
     s.trim_matches('-').to_string()
@@ -72,15 +76,9 @@ pub fn container_name(destination_id: Option<&str>) -> String {
     let Some(raw) = destination_id.filter(|d| !d.is_empty()) else {
         return "job-container".into();
     };
-    let cleaned: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' { c } else { '-' })
-        .collect();
-    let cleaned = if cleaned.starts_with('-') || cleaned.ends_with('-') {
-        format!("x{cleaned}x")
-    } else {
-        cleaned
-    };
+    let cleaned: String =
+        raw.chars().map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' { c } else { '-' }).collect();
+    let cleaned = if cleaned.starts_with('-') || cleaned.ends_with('-') { format!("x{cleaned}x") } else { cleaned };
     if cleaned.len() <= MAX_NAME {
         cleaned
     } else {

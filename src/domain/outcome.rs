@@ -150,7 +150,9 @@ mod tests {
             name: name.into(),
             phase: phase.into(),
             terminations: exit
-                .map(|(code, reason)| vec![Termination { exit_code: code, reason: Some(reason.into()), ..Termination::default() }])
+                .map(|(code, reason)| {
+                    vec![Termination { exit_code: code, reason: Some(reason.into()), ..Termination::default() }]
+                })
                 .unwrap_or_default(),
             created: name.into(),
             ..PodView::default()

@@ -34,9 +34,7 @@ pub fn cpu_millis(quantity: &str) -> Option<u64> {
 
 fn split(quantity: &str) -> Option<(f64, &str)> {
     let quantity = quantity.trim();
-    let end = quantity
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(quantity.len());
+    let end = quantity.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(quantity.len());
     let (number, suffix) = quantity.split_at(end);
     let number: f64 = number.parse().ok()?;
     (number.is_finite() && number >= 0.0).then_some((number, suffix))

@@ -166,13 +166,9 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
     if body.len() > max_bytes {
         return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
     }
-    let request: JobRequest =
-        serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+    let request: JobRequest = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
     if request.schema != REQUEST_SCHEMA {
-        return Err(ValidationError::Schema(format!(
-            "schema is {:?}, expected {REQUEST_SCHEMA:?}",
-            request.schema
-        )));
+        return Err(ValidationError::Schema(format!("schema is {:?}, expected {REQUEST_SCHEMA:?}", request.schema)));
     }
     check_job_id(&request.job_id)?;
     if request.command_line.trim().is_empty() {
@@ -199,12 +195,10 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
         }
     }
     for (key, value) in &request.labels {
-        super::naming::check_label(key, value)
-            .map_err(|why| ValidationError::invalid("labels", why))?;
+        super::naming::check_label(key, value).map_err(|why| ValidationError::invalid("labels", why))?;
     }
     for key in request.annotations.keys() {
-        super::naming::check_label_key(key)
-            .map_err(|why| ValidationError::invalid("annotations", why))?;
+        super::naming::check_label_key(key).map_err(|why| ValidationError::invalid("annotations", why))?;
     }
     Ok(request)
 }
@@ -214,13 +208,9 @@ pub fn parse_control(body: &[u8], max_bytes: usize) -> Result<JobControl, Valida
     if body.len() > max_bytes {
         return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
     }
-    let control: JobControl =
-        serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+    let control: JobControl = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
     if control.schema != CONTROL_SCHEMA {
-        return Err(ValidationError::Schema(format!(
-            "schema is {:?}, expected {CONTROL_SCHEMA:?}",
-            control.schema
-        )));
+        return Err(ValidationError::Schema(format!("schema is {:?}, expected {CONTROL_SCHEMA:?}", control.schema)));
     }
     check_job_id(&control.job_id)?;
     Ok(control)
@@ -231,4 +221,64 @@ fn check_job_id(id: &str) -> Result<(), ValidationError> {
         return Err(ValidationError::invalid("job_id", "must be 1-253 printable characters"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: serde_json::Value) -> Result<JobRequest, ValidationError> {
+        parse_request(&serde_json::to_vec(&v).unwrap(), 1 << 20)
+    }
+
+    fn base() -> serde_json::Value {
+        json!({"schema": REQUEST_SCHEMA, "job_id": "1", "command_line": "true", "image": "busybox"})
+    }
+
+    #[test]
+    fn image_parts_are_assembled_like_the_runner() {
+        let parts = |v| serde_json::from_value::<ImageRef>(v).unwrap().reference();
+        assert_eq!(
+            parts(json!({"repo": "quay.io", "owner": "bio", "image": "samtools", "tag": "1.17"})),
+            "quay.io/bio/samtools:1.17"
+        );
+        assert_eq!(parts(json!({"image": "busybox"})), "busybox");
+        assert_eq!(parts(json!({"owner": "galaxy", "image": "tool"})), "galaxy/tool");
+        assert_eq!(parts(json!("docker.io/library/busybox:1")), "docker.io/library/busybox:1");
+    }
+
+    #[test]
+    fn every_kind_of_bad_request_is_named() {
+        assert!(matches!(parse_request(b"nope", 100), Err(ValidationError::Malformed(_))));
+        assert!(matches!(parse_request(&[b' '; 200], 100), Err(ValidationError::TooLarge { .. })));
+        let mut v = base();
+        v["schema"] = json!("other/v2");
+        assert!(matches!(parse(v), Err(ValidationError::Schema(_))));
+        for (field, value) in [
+            ("command_line", json!("   ")),
+            ("job_id", json!("")),
+            ("image", json!("has space")),
+            ("working_directory", json!("relative/dir")),
+            ("env", json!([{"name": "1BAD", "value": "x"}])),
+            ("labels", json!({"k": "bad value"})),
+            ("annotations", json!({"/x": "y"})),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let err = parse(v).unwrap_err();
+            assert!(matches!(err, ValidationError::Invalid { .. }), "{field}: {err}");
+        }
+        let mut v = base();
+        v["securityContext"] = json!({"privileged": true});
+        assert!(matches!(parse(v), Err(ValidationError::Malformed(m)) if m.contains("unknown field")));
+    }
+
+    #[test]
+    fn job_ids_are_recovered_from_broken_messages() {
+        assert_eq!(readable_job_id(br#"{"job_id": "12", "junk": true}"#).as_deref(), Some("12"));
+        assert_eq!(readable_job_id(br#"{"job_id": 12}"#).as_deref(), Some("12"));
+        assert_eq!(readable_job_id(b"not json"), None);
+        assert_eq!(readable_job_id(br#"{"job_id": ""}"#), None);
+    }
 }

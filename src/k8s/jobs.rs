@@ -32,7 +32,9 @@ pub async fn create_or_adopt(ctx: &Context, job: &Job, fingerprint: &str) -> Res
             Ok(_) => return Ok(if replaced { JobAction::Replaced } else { JobAction::Created }),
             Err(err) if is_code(&err, 409) => {}
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                return Err(ValidationError::invalid("job", format!("the apiserver refused the Job: {}", e.message)).into())
+                return Err(
+                    ValidationError::invalid("job", format!("the apiserver refused the Job: {}", e.message)).into()
+                )
             }
             Err(err) => return Err(Error::Kube { verb: "create", source: err }),
         }

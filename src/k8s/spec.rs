@@ -6,8 +6,8 @@ use k8s_openapi::{
     api::{
         batch::v1::{Job, JobSpec},
         core::v1::{
-            Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-            PodTemplateSpec, ResourceRequirements, Volume, VolumeMount,
+            Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+            ResourceRequirements, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
@@ -50,12 +50,7 @@ pub fn fingerprint(request: &JobRequest) -> String {
 
 /// The Job name for a request under these settings.
 pub fn job_name_for(settings: &KubeSettings, job_id: &str, attempt: Option<u32>) -> String {
-    naming::job_name(
-        &settings.k8s_job_name_prefix,
-        settings.k8s_galaxy_instance_id.as_deref(),
-        job_id,
-        attempt,
-    )
+    naming::job_name(&settings.k8s_job_name_prefix, settings.k8s_galaxy_instance_id.as_deref(), job_id, attempt)
 }
 
 /// Labels that select every Job of this worker's instance.
@@ -92,10 +87,7 @@ fn resource(
             None => return Ok(None),
         },
     };
-    value
-        .quantity(kind)
-        .map(|q| q.map(Quantity))
-        .map_err(|why| ValidationError::invalid(field, why))
+    value.quantity(kind).map(|q| q.map(Quantity)).map_err(|why| ValidationError::invalid(field, why))
 }
 
 /// Builds the Job for a validated request.
@@ -116,18 +108,18 @@ pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, V
     };
     let requests = quantities([
         ("cpu", resource(&request.requests_cpu, &k.k8s_default_requests_cpu, Resource::Cpu, "requests_cpu")?),
-        ("memory", resource(&request.requests_memory, &k.k8s_default_requests_memory, Resource::Memory, "requests_memory")?),
+        (
+            "memory",
+            resource(&request.requests_memory, &k.k8s_default_requests_memory, Resource::Memory, "requests_memory")?,
+        ),
     ]);
     let limits = quantities([
         ("cpu", resource(&request.limits_cpu, &k.k8s_default_limits_cpu, Resource::Cpu, "limits_cpu")?),
         ("memory", resource(&request.limits_memory, &k.k8s_default_limits_memory, Resource::Memory, "limits_memory")?),
     ]);
 
-    let pull_policy = k
-        .k8s_pull_policy
-        .as_deref()
-        .filter(|p| matches!(*p, "Always" | "IfNotPresent" | "Never"))
-        .map(str::to_string);
+    let pull_policy =
+        k.k8s_pull_policy.as_deref().filter(|p| matches!(*p, "Always" | "IfNotPresent" | "Never")).map(str::to_string);
     let (volumes, mounts) = match (&k.k8s_persistent_volume_claim_name, &k.k8s_persistent_volume_claim_mount_path) {
         (Some(claim), Some(path)) => (
             Some(vec![Volume {
@@ -138,20 +130,18 @@ pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, V
                 }),
                 ..Volume::default()
             }]),
-            Some(vec![VolumeMount {
-                name: "galaxy-data".into(),
-                mount_path: path.clone(),
-                ..VolumeMount::default()
-            }]),
+            Some(vec![VolumeMount { name: "galaxy-data".into(), mount_path: path.clone(), ..VolumeMount::default() }]),
         ),
         _ => (None, None),
     };
     let positive = |g: Option<i64>| g.filter(|g| *g > 0);
-    let security = (positive(k.k8s_fs_group_id).is_some() || positive(k.k8s_supplemental_group_id).is_some())
-        .then(|| PodSecurityContext {
-            fs_group: positive(k.k8s_fs_group_id),
-            supplemental_groups: positive(k.k8s_supplemental_group_id).map(|g| vec![g]),
-            ..PodSecurityContext::default()
+    let security =
+        (positive(k.k8s_fs_group_id).is_some() || positive(k.k8s_supplemental_group_id).is_some()).then(|| {
+            PodSecurityContext {
+                fs_group: positive(k.k8s_fs_group_id),
+                supplemental_groups: positive(k.k8s_supplemental_group_id).map(|g| vec![g]),
+                ..PodSecurityContext::default()
+            }
         });
     let env: Vec<EnvVar> = request
         .env
@@ -214,10 +204,8 @@ pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, V
 pub fn cancel_tombstone(settings: &KubeSettings, job_id: &str, attempt: Option<u32>, reason: &str) -> Job {
     let name = job_name_for(settings, job_id, attempt);
     let labels = base_labels(settings, &name, job_id);
-    let mut annotations = BTreeMap::from([
-        (ANN_JOB_ID.to_string(), job_id.to_string()),
-        (ANN_CANCELLED.to_string(), reason.to_string()),
-    ]);
+    let mut annotations =
+        BTreeMap::from([(ANN_JOB_ID.to_string(), job_id.to_string()), (ANN_CANCELLED.to_string(), reason.to_string())]);
     if let Some(attempt) = attempt {
         annotations.insert(ANN_ATTEMPT.into(), attempt.to_string());
     }
@@ -253,3 +241,7 @@ pub fn cancel_tombstone(settings: &KubeSettings, job_id: &str, attempt: Option<u
         status: None,
     }
 }
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod tests;

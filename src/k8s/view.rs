@@ -61,9 +61,8 @@ pub fn job_view(job: &Job) -> JobView {
     };
     JobView {
         complete: condition("Complete").is_some(),
-        failed: condition("Failed").map(|c| {
-            (c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default())
-        }),
+        failed: condition("Failed")
+            .map(|c| (c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default())),
         backoff_limit: job.spec.as_ref().and_then(|s| s.backoff_limit).unwrap_or(6),
         finished_at: status
             .and_then(|s| s.completion_time.as_ref())

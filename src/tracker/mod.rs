@@ -26,8 +26,8 @@ use crate::{
 const SHARDS: usize = 8;
 
 enum Change {
-    Job(watcher::Event<Job>),
-    Pod(watcher::Event<Pod>),
+    Job(Box<watcher::Event<Job>>),
+    Pod(Box<watcher::Event<Pod>>),
 }
 
 fn job_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
@@ -35,7 +35,7 @@ fn job_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
     watcher(ctx.jobs.clone(), config)
         .default_backoff()
         .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "job watch error")).ok() })
-        .map(Change::Job)
+        .map(|e| Change::Job(Box::new(e)))
 }
 
 fn pod_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
@@ -43,7 +43,7 @@ fn pod_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
     watcher(ctx.pods.clone(), config)
         .default_backoff()
         .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "pod watch error")).ok() })
-        .map(Change::Pod)
+        .map(|e| Change::Pod(Box::new(e)))
 }
 
 /// Runs until shutdown: watch, classify, publish.
@@ -83,23 +83,27 @@ pub async fn run(ctx: Arc<Context>) {
 fn apply(state: &mut TrackerState, change: Change) -> Vec<Report> {
     use watcher::Event::*;
     match change {
-        Change::Job(Apply(job)) | Change::Job(InitApply(job)) => state.apply_job(&job).into_iter().collect(),
-        Change::Job(Delete(job)) => state.delete_job(&job).into_iter().collect(),
-        Change::Job(Init) => {
-            state.begin_job_relist();
-            Vec::new()
-        }
-        Change::Job(InitDone) => state.end_job_relist(),
-        Change::Pod(Apply(pod)) | Change::Pod(InitApply(pod)) => state.apply_pod(&pod).into_iter().collect(),
-        Change::Pod(Delete(pod)) => {
-            state.delete_pod(&pod);
-            Vec::new()
-        }
-        Change::Pod(Init) => {
-            state.begin_pod_relist();
-            Vec::new()
-        }
-        Change::Pod(InitDone) => state.end_pod_relist(),
+        Change::Job(event) => match *event {
+            Apply(job) | InitApply(job) => state.apply_job(&job).into_iter().collect(),
+            Delete(job) => state.delete_job(&job).into_iter().collect(),
+            Init => {
+                state.begin_job_relist();
+                Vec::new()
+            }
+            InitDone => state.end_job_relist(),
+        },
+        Change::Pod(event) => match *event {
+            Apply(pod) | InitApply(pod) => state.apply_pod(&pod).into_iter().collect(),
+            Delete(pod) => {
+                state.delete_pod(&pod);
+                Vec::new()
+            }
+            Init => {
+                state.begin_pod_relist();
+                Vec::new()
+            }
+            InitDone => state.end_pod_relist(),
+        },
     }
 }
 

@@ -91,11 +91,14 @@ impl TrackerState {
     /// A Job was deleted (its last state is given).
     pub fn delete_job(&mut self, job: &Job) -> Option<Report> {
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        let report = if self.jobs.contains_key(&uid) {
-            self.apply_job(job);
-            self.gone(&uid)
-        } else {
-            None
+        let report = match self.jobs.get_mut(&uid) {
+            Some(tracked) => {
+                // The last state decides (annotations say whether a cancel or replace did it).
+                tracked.meta = job_meta(job);
+                tracked.view = job_view(job);
+                self.gone(&uid)
+            }
+            None => None,
         };
         self.jobs.remove(&uid);
         self.pods.remove(&uid);
@@ -235,3 +238,7 @@ impl TrackerState {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -21,9 +21,7 @@ use kube::{
     Client,
 };
 use lapin::{
-    options::*,
-    types::FieldTable,
-    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
 };
 use serde_json::json;
 
@@ -31,7 +29,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Fails loudly when the environment is missing: these tests must never pass vacuously.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").expect("AMQP_URL not set: run the tests through scripts/test (or eval $(scripts/testenv env))")
+    std::env::var("AMQP_URL")
+        .expect("AMQP_URL not set: run the tests through scripts/test (or eval $(scripts/testenv env))")
 }
 
 /// A Kubernetes client from KUBECONFIG.
@@ -145,11 +144,21 @@ impl Harness {
             .await
             .unwrap();
         let q = channel
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         channel
-            .queue_bind(q.name().clone(), names.result_exchange.clone().into(), "#".into(), Default::default(), FieldTable::default())
+            .queue_bind(
+                q.name().clone(),
+                names.result_exchange.clone().into(),
+                "#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let events = channel
@@ -258,7 +267,12 @@ impl Harness {
     }
 
     /// Receives events until `done` says so, or panics after `timeout`. Returns the events of `job_id`.
-    pub async fn events_until(&mut self, job_id: &str, timeout: Duration, done: impl Fn(&[JobEvent]) -> bool) -> Vec<JobEvent> {
+    pub async fn events_until(
+        &mut self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&[JobEvent]) -> bool,
+    ) -> Vec<JobEvent> {
         let deadline = Instant::now() + timeout;
         loop {
             let mine: Vec<JobEvent> = self.received.iter().filter(|e| e.job_id == job_id).cloned().collect();

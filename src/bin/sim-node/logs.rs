@@ -69,9 +69,8 @@ async fn respond(sim: &Sim, target: &str) -> (&'static str, Vec<u8>) {
     let Ok(content) = tokio::fs::read(log_path(sim, ns, pod, container)).await else {
         return ("404 Not Found", format!("no log for {ns}/{pod}/{container}\n").into_bytes());
     };
-    let param = |name: &str| {
-        query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<usize>().ok())
-    };
+    let param =
+        |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<usize>().ok());
     ("200 OK", select(content, param("tailLines"), param("limitBytes")))
 }
 
@@ -80,13 +79,8 @@ pub fn select(content: Vec<u8>, tail_lines: Option<usize>, limit_bytes: Option<u
     let mut out = content;
     if let Some(n) = tail_lines {
         let body = out.strip_suffix(b"\n").unwrap_or(&out);
-        let start = body
-            .iter()
-            .enumerate()
-            .rev()
-            .filter(|(_, b)| **b == b'\n')
-            .nth(n.saturating_sub(1))
-            .map(|(i, _)| i + 1);
+        let start =
+            body.iter().enumerate().rev().filter(|(_, b)| **b == b'\n').nth(n.saturating_sub(1)).map(|(i, _)| i + 1);
         out = match (n, start) {
             (0, _) => Vec::new(),
             (_, Some(start)) => out[start..].to_vec(),

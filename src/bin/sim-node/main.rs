@@ -88,8 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
     let args = Args::parse();
@@ -99,21 +98,15 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_from(config)?;
     std::fs::create_dir_all(args.work_dir.join("logs"))?;
 
-    let sim = Arc::new(Sim {
-        client,
-        args,
-        pods: Mutex::new(HashMap::new()),
-        reschedule: tokio::sync::Notify::new(),
-    });
+    let sim = Arc::new(Sim { client, args, pods: Mutex::new(HashMap::new()), reschedule: tokio::sync::Notify::new() });
     node::register(&sim).await.context("registering the node")?;
     tokio::spawn(node::heartbeat(sim.clone()));
     tokio::spawn(logs::serve(sim.clone()));
 
     let pods: Api<Pod> = Api::all(sim.client.clone());
     let (store, writer) = kube::runtime::reflector::store();
-    let stream = kube::runtime::reflector(writer, watcher(pods, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
+    let stream =
+        kube::runtime::reflector(writer, watcher(pods, watcher::Config::default())).default_backoff().applied_objects();
     tokio::spawn(scheduler::run(sim.clone(), store));
     futures::pin_mut!(stream);
     tracing::info!(node = %sim.args.node_name, "sim-node running");

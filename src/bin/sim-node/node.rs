@@ -58,9 +58,7 @@ pub async fn register(sim: &Arc<Sim>) -> kube::Result<()> {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let patch = json!({"metadata": {"labels": labels(sim)}});
-            nodes
-                .patch(&sim.args.node_name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            nodes.patch(&sim.args.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         }
         Err(e) => return Err(e),
     }
@@ -76,9 +74,7 @@ pub async fn heartbeat(sim: Arc<Sim>) {
     loop {
         tokio::time::sleep(Duration::from_secs(20)).await;
         let patch = json!({"status": status(&sim)});
-        if let Err(err) = nodes
-            .patch_status(&sim.args.node_name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
+        if let Err(err) = nodes.patch_status(&sim.args.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await
         {
             tracing::warn!(%err, "node heartbeat failed");
         }

@@ -96,11 +96,15 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
         "startedAt": started, "finishedAt": now(),
         "containerID": format!("sim://{}", pod.uid().unwrap_or_default()),
     }});
-    patch_status(&sim, &pod, json!({
-        "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
-        "conditions": conditions(false, Some("PodCompleted")),
-        "containerStatuses": [container_status(&container, &pod, state, false)],
-    }))
+    patch_status(
+        &sim,
+        &pod,
+        json!({
+            "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
+            "conditions": conditions(false, Some("PodCompleted")),
+            "containerStatuses": [container_status(&container, &pod, state, false)],
+        }),
+    )
     .await;
     tracing::info!(pod = %pod.name_any(), exit_code = termination.exit_code, reason = termination.reason, "terminated");
     // The pod stays in `sim.pods` until it is deleted, so late watch events cannot restart it.
@@ -227,9 +231,8 @@ async fn fail_pull(sim: &Sim, pod: &Pod, c: &Container, image: &str, mut stop: o
             "containerStatuses": [container_status(c, pod, json!({"waiting": {"reason": reason, "message": message}}), false)],
         })
     };
-    let pull_error = format!(
-        "rpc error: code = NotFound desc = failed to pull and unpack image \"{image}\": not found"
-    );
+    let pull_error =
+        format!("rpc error: code = NotFound desc = failed to pull and unpack image \"{image}\": not found");
     patch_status(sim, pod, waiting("ErrImagePull", pull_error.clone())).await;
     let mut backoff = false;
     loop {
@@ -267,9 +270,13 @@ pub async fn finalise_deletion(sim: &Sim, pod: &Pod, uid: &str) {
 
 /// Marks a pod that was Running before this sim-node started as Failed: its process is gone.
 pub async fn report_lost(sim: &Sim, pod: &Pod) {
-    patch_status(sim, pod, json!({
-        "phase": "Failed", "reason": "NodeRestarted",
-        "message": "sim-node restarted and the pod's process was lost",
-    }))
+    patch_status(
+        sim,
+        pod,
+        json!({
+            "phase": "Failed", "reason": "NodeRestarted",
+            "message": "sim-node restarted and the pod's process was lost",
+        }),
+    )
     .await;
 }

@@ -59,10 +59,8 @@ pub fn unfit_reason(
 pub async fn run(sim: Arc<Sim>, store: Store<Pod>) {
     let cpu_total = quantity::cpu_millis(&sim.args.cpu).unwrap_or(u64::MAX);
     let mem_total = quantity::memory_bytes(&sim.args.memory).unwrap_or(u64::MAX);
-    let node_labels: BTreeMap<String, String> = crate::node::labels(&sim)
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
-        .collect();
+    let node_labels: BTreeMap<String, String> =
+        crate::node::labels(&sim).into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect();
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(2), sim.reschedule.notified()).await;
         let pods = store.state();
@@ -124,7 +122,9 @@ async fn bind(sim: &Sim, pod: &Pod) -> kube::Result<()> {
 
 async fn mark_unschedulable(sim: &Sim, pod: &Pod, message: &str) -> kube::Result<()> {
     let already = pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).any(|c| {
-        c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable") && c.message.as_deref() == Some(message)
+        c.type_ == "PodScheduled"
+            && c.reason.as_deref() == Some("Unschedulable")
+            && c.message.as_deref() == Some(message)
     });
     if already {
         return Ok(());
@@ -158,7 +158,9 @@ mod tests {
 
     #[test]
     fn requests_beyond_allocatable_are_unschedulable() {
-        let p = pod(json!({"spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "2", "memory": "1G"}}}]}}));
+        let p = pod(
+            json!({"spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "2", "memory": "1G"}}}]}}),
+        );
         let reason = unfit_reason(&p, &BTreeMap::new(), 1000, 1 << 40, 10).unwrap();
         assert!(reason.contains("Insufficient cpu"), "{reason}");
         assert_eq!(unfit_reason(&p, &BTreeMap::new(), 2000, 1 << 40, 10), None);
