@@ -136,6 +136,12 @@ pub struct WorkerSettings {
     /// Address of the health and metrics endpoint.
     #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:9090")]
     pub http_listen: String,
+    /// Seconds a reporting replica's Lease lasts without renewal before another takes over.
+    #[arg(long, env = "LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Seconds between full re-lists of Jobs and pods, catching anything a watch missed.
+    #[arg(long, env = "RECONCILE_SECONDS", default_value_t = 300)]
+    pub reconcile_seconds: u64,
     /// Seconds given to in-flight work after SIGTERM before exiting.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25)]
     pub shutdown_grace_seconds: u64,

@@ -12,6 +12,7 @@ use crate::{
     amqp::broker::Broker,
     config::Settings,
     domain::event::{event_id, JobEvent, JobState, EVENT_SCHEMA},
+    leader::Leadership,
     observe::Metrics,
     shutdown::Shutdown,
 };
@@ -36,6 +37,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// Whether the Job and pod watches have completed their first list.
     pub watch_synced: AtomicBool,
+    /// Whether this replica is the one reporting Job outcomes.
+    pub leadership: Leadership,
 }
 
 /// What an event is about.
@@ -64,6 +67,7 @@ impl Context {
             metrics: Arc::new(Metrics::default()),
             shutdown,
             watch_synced: AtomicBool::new(false),
+            leadership: Leadership::default(),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod k8s;
+pub mod leader;
 pub mod observe;
 pub mod run;
 pub mod schema;

@@ -27,6 +27,7 @@ pub async fn run(settings: Settings, client: kube::Client, http: tokio::net::Tcp
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::http::serve(ctx.clone(), http));
     tasks.spawn(count_reconnects(ctx.clone()));
+    tasks.spawn(crate::leader::run(ctx.clone()));
     tasks.spawn(crate::tracker::run(ctx.clone()));
     let prefetch = ctx.settings.amqp.prefetch;
     tasks.spawn(consume(ctx.clone(), ctx.settings.amqp.request_queue.clone(), prefetch, handle_request));

@@ -5,16 +5,18 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
-use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
 use serde_json::json;
 
 use super::{
     spec::{ANN_CANCELLED, ANN_REPLACED, ANN_REPORTED},
-    view::job_meta,
+    view::{job_meta, pod_owner, pod_view},
 };
 use crate::{
     context::Context,
-    domain::{event::JobState, ValidationError},
+    domain::{event::JobState, outcome::PodView, ValidationError},
     error::{Error, Result},
     observe::JobAction,
 };
@@ -148,6 +150,14 @@ pub async fn after_terminal(ctx: &Context, name: &str, uid: &str, state: JobStat
         Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
         Err(e) => Err(Error::Kube { verb: "patch", source: e }),
     }
+}
+
+/// The pods of a Job, listed now: the Job watch can run ahead of the pod watch, and a
+/// failure must not be reported without its pods' reasons (an OOM kill among them).
+pub async fn current_pods(ctx: &Context, name: &str, uid: &str) -> Result<Vec<PodView>> {
+    let params = ListParams::default().labels(&format!("app={name}"));
+    let pods = ctx.pods.list(&params).await.map_err(Error::kube("list"))?;
+    Ok(pods.items.iter().filter(|p| pod_owner(p).as_deref() == Some(uid)).map(pod_view).collect())
 }
 
 /// The last `max_bytes` of a pod's log, or `None` when it cannot be read.

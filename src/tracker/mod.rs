@@ -7,17 +7,21 @@ pub mod state;
 use std::{
     hash::{Hash, Hasher},
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::{
+    api::ListParams,
+    runtime::{watcher, WatchStreamExt},
+};
 use tokio::sync::mpsc;
 
 use self::state::{Report, TrackerState};
 use crate::{
     context::{Context, EventSubject},
-    domain::event::JobState,
+    domain::{event::JobState, outcome::classify},
     k8s::{jobs, spec},
     observe::Observation,
 };
@@ -55,15 +59,27 @@ pub async fn run(ctx: Arc<Context>) {
         senders.push(tx);
         executors.spawn(execute(ctx.clone(), rx));
     }
-    let mut state = TrackerState::default();
+    let mut state = TrackerState::paused();
+    let mut leadership = ctx.leadership.subscribe();
     let changes = futures::stream::select(job_changes(&ctx), pod_changes(&ctx));
     futures::pin_mut!(changes);
+    let period = Duration::from_secs(ctx.settings.worker.reconcile_seconds.max(1));
+    let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
-        let change = tokio::select! {
+        let reports = tokio::select! {
             _ = ctx.shutdown.wait() => break,
-            change = changes.next() => match change { Some(c) => c, None => break },
+            change = changes.next() => match change {
+                Some(change) => apply(&mut state, change),
+                None => break,
+            },
+            changed = leadership.changed() => {
+                if changed.is_err() { break }
+                let leader = *leadership.borrow_and_update();
+                tracing::info!(reporting = leader, "reporting role changed");
+                state.set_reporting(leader)
+            }
+            _ = reconcile.tick() => relist(&ctx, &mut state).await,
         };
-        let reports = apply(&mut state, change);
         if state.synced() && !ctx.watch_synced.swap(true, Ordering::Relaxed) {
             tracing::info!("job and pod watches synced");
         }
@@ -78,6 +94,24 @@ pub async fn run(ctx: Arc<Context>) {
     }
     drop(senders);
     while executors.join_next().await.is_some() {}
+}
+
+/// The periodic full reconcile: re-applies a fresh list of Jobs and pods, catching any
+/// update a watch could have missed. Deletions are left to the watches' own re-lists, which
+/// see them in order.
+async fn relist(ctx: &Context, state: &mut TrackerState) -> Vec<Report> {
+    let params = ListParams::default().labels(&spec::instance_selector(&ctx.settings.kube));
+    let (jobs, pods) = match tokio::try_join!(ctx.jobs.list(&params), ctx.pods.list(&params)) {
+        Ok(lists) => lists,
+        Err(err) => {
+            let error = err.to_string();
+            ctx.metrics.observe(Observation::KubeError { verb: "list", job_name: "", error: &error });
+            return Vec::new();
+        }
+    };
+    let mut reports: Vec<Report> = pods.items.iter().filter_map(|p| state.apply_pod(p)).collect();
+    reports.extend(jobs.items.iter().filter_map(|j| state.apply_job(j)));
+    reports
 }
 
 fn apply(state: &mut TrackerState, change: Change) -> Vec<Report> {
@@ -107,10 +141,35 @@ fn apply(state: &mut TrackerState, change: Change) -> Vec<Report> {
     }
 }
 
+/// Re-classifies a terminal report with the pods as they are now.
+async fn refresh(ctx: &Context, report: &mut Report) {
+    match jobs::current_pods(ctx, &report.meta.name, &report.meta.uid).await {
+        Ok(mut pods) if !pods.is_empty() => {
+            pods.sort_by(|a, b| a.created.cmp(&b.created));
+            let outcome = classify(&report.view, &pods);
+            if outcome.state.is_terminal() {
+                report.outcome = outcome;
+            }
+            report.pods = pods.into_iter().map(|p| p.name).collect();
+        }
+        Ok(_) => {}
+        Err(err) => {
+            let error = err.to_string();
+            ctx.metrics.observe(Observation::KubeError { verb: "list", job_name: &report.meta.name, error: &error });
+        }
+    }
+}
+
 /// Publishes reports in order; for terminal ones, stops OOM-killed Jobs, attaches the log
 /// tail, and cleans up only after the broker confirmed the event.
 async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>) {
-    while let Some(report) = reports.recv().await {
+    while let Some(mut report) = reports.recv().await {
+        if !ctx.leadership.is_leader() {
+            continue; // the replica that takes over re-evaluates every Job
+        }
+        if report.outcome.state == JobState::Failed || (report.outcome.state.is_terminal() && report.pods.is_empty()) {
+            refresh(&ctx, &mut report).await;
+        }
         let meta = &report.meta;
         let state = report.outcome.state;
         if state == JobState::OomKilled && report.exists {

@@ -26,6 +26,8 @@ pub struct Report {
     pub occurred_at: Option<String>,
     /// Whether the Job object still exists (cleanup and log tails need it).
     pub exists: bool,
+    /// The Job's status as classified (to re-classify with fresher pods).
+    pub view: JobView,
 }
 
 struct Tracked {
@@ -43,6 +45,9 @@ fn rank(state: Option<JobState>) -> u8 {
     }
 }
 
+/// How long a `lost` seen while not reporting is kept for the next reporting term.
+const DEPARTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Jobs and pods by Job uid.
 #[derive(Default)]
 pub struct TrackerState {
@@ -52,9 +57,38 @@ pub struct TrackerState {
     pods_synced: bool,
     relisting_jobs: Option<HashSet<String>>,
     relisting_pods: Option<HashSet<(String, String)>>,
+    /// Another replica reports; this one only keeps its state current.
+    paused: bool,
+    /// `lost` reports observed while paused, handed out when reporting starts.
+    departed: Vec<(std::time::Instant, Report)>,
 }
 
 impl TrackerState {
+    /// A state that keeps track but reports nothing until [`TrackerState::set_reporting`].
+    pub fn paused() -> Self {
+        TrackerState { paused: true, ..TrackerState::default() }
+    }
+
+    /// Starts or stops reporting. Starting forgets what was emitted in memory (another
+    /// replica may have reported in between) and returns everything now due, so a takeover
+    /// repeats at most the events in flight at the handover (same event ids).
+    pub fn set_reporting(&mut self, on: bool) -> Vec<Report> {
+        let was_paused = std::mem::replace(&mut self.paused, !on);
+        if !on || !was_paused {
+            return Vec::new();
+        }
+        for tracked in self.jobs.values_mut() {
+            tracked.emitted = tracked.meta.reported;
+        }
+        let mut reports: Vec<Report> = std::mem::take(&mut self.departed)
+            .into_iter()
+            .filter(|(at, _)| at.elapsed() < DEPARTED_MEMORY)
+            .map(|(_, r)| r)
+            .collect();
+        reports.extend(self.evaluate_all());
+        reports
+    }
+
     /// Whether both watches have listed everything once; nothing is reported before.
     pub fn synced(&self) -> bool {
         self.jobs_synced && self.pods_synced
@@ -111,14 +145,15 @@ impl TrackerState {
         if tracked.meta.cancelled.is_some() || tracked.meta.replaced || rank(tracked.emitted) == 2 {
             return None;
         }
-        let mut report = self.evaluate(uid, false);
-        if report.as_ref().is_some_and(|r| r.outcome.state.is_terminal()) {
-            return report;
+        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
+        if classify(&tracked.view, &pods).state.is_terminal() {
+            // It finished before it went: its terminal event, not `lost` (the reporter's job).
+            return self.evaluate(uid, false);
         }
         let tracked = self.jobs.get_mut(uid)?;
         tracked.emitted = Some(JobState::Lost);
         let pods = self.pods.get(uid).map(|p| p.keys().cloned().collect()).unwrap_or_default();
-        report = Some(Report {
+        let report = Some(Report {
             meta: tracked.meta.clone(),
             outcome: Outcome {
                 state: JobState::Lost,
@@ -128,7 +163,13 @@ impl TrackerState {
             pods,
             occurred_at: Some(jiff::Timestamp::now().to_string()),
             exists: false,
+            view: tracked.view.clone(),
         });
+        if self.paused {
+            self.departed.retain(|(at, _)| at.elapsed() < DEPARTED_MEMORY);
+            self.departed.extend(report.map(|r| (std::time::Instant::now(), r)));
+            return None;
+        }
         report
     }
 
@@ -203,7 +244,7 @@ impl TrackerState {
 
     /// Classifies one Job; returns a report when it reached a state not yet emitted.
     fn evaluate(&mut self, uid: &str, exists: bool) -> Option<Report> {
-        if !self.synced() {
+        if !self.synced() || self.paused {
             return None;
         }
         let tracked = self.jobs.get_mut(uid)?;
@@ -235,6 +276,7 @@ impl TrackerState {
             pods: sorted.into_iter().map(|p| p.name).collect(),
             occurred_at,
             exists,
+            view: tracked.view.clone(),
         })
     }
 }

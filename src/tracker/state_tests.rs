@@ -163,3 +163,33 @@ fn tombstones_are_never_reported() {
     assert_eq!(state_of(s.apply_job(&tombstone)), None);
     assert_eq!(state_of(s.delete_job(&tombstone)), None);
 }
+
+#[test]
+fn a_paused_replica_tracks_silently_and_reports_on_takeover() {
+    let mut s = TrackerState::paused();
+    s.begin_job_relist();
+    s.end_job_relist();
+    s.begin_pod_relist();
+    s.end_pod_relist();
+    s.apply_job(&job("u1", json!({}), json!({})));
+    assert_eq!(state_of(s.apply_pod(&pod("p1", "u1", "Running", None))), None, "not the reporter");
+    // A Job that vanished mid-run while another replica was reporting.
+    s.apply_job(
+        &serde_json::from_value(json!({"metadata": {"name": "galaxy-main-2", "uid": "u2",
+        "annotations": {ANN_JOB_ID: "2", ANN_FINGERPRINT: "fp"}}, "spec": {"template": {}}}))
+        .unwrap(),
+    );
+    s.apply_pod(&pod("p2", "u2", "Running", None));
+    assert_eq!(state_of(s.delete_job(&job("u2", json!({}), json!({})))), None);
+    // A finished-and-cleaned Job is not `lost`.
+    s.apply_job(&job("u3", json!({}), json!({})));
+    assert_eq!(
+        state_of(s.delete_job(&job("u3", json!({}), json!({"conditions": [{"type": "Complete", "status": "True"}]})))),
+        None
+    );
+
+    let mut reports: Vec<_> = s.set_reporting(true).into_iter().map(|r| (r.meta.uid, r.outcome.state)).collect();
+    reports.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(reports, vec![("u1".to_string(), JobState::Running), ("u2".to_string(), JobState::Lost)]);
+    assert!(s.set_reporting(true).is_empty(), "already reporting: nothing repeated");
+}
