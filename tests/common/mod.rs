@@ -3,6 +3,8 @@
 //! Reads KUBECONFIG and AMQP_URL (from `scripts/testenv env`).
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{
     collections::BTreeMap,
     process::{Child, Command, Stdio},
@@ -110,6 +112,8 @@ pub struct Harness {
     pub names: Names,
     pub instance_id: Option<String>,
     pub extra_args: Vec<String>,
+    /// Broker URL the worker uses (a proxy's, in connection-loss tests).
+    pub worker_amqp_url: String,
     pub worker: Option<Child>,
     pub http_port: u16,
     pub conn: Connection,
@@ -172,6 +176,7 @@ impl Harness {
             names,
             instance_id: instance_id.map(str::to_string),
             extra_args: Vec::new(),
+            worker_amqp_url: amqp_url(),
             worker: None,
             http_port: 0,
             conn,
@@ -197,14 +202,12 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Starts the worker binary and waits until `/readyz` says ready.
-    pub async fn start_worker(&mut self) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        self.http_port = port;
+    /// The worker command for this test's namespace and queues.
+    fn worker_command(&self, worker_id: &str, port: u16) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_k8s-job-worker"));
         cmd.args(["--log-format", "json", "run"])
             .env("RUST_LOG", "info,k8s_job_worker=debug")
-            .env("AMQP_URL", amqp_url())
+            .env("AMQP_URL", &self.worker_amqp_url)
             .env("K8S_NAMESPACE", &self.namespace)
             .env("AMQP_REQUEST_QUEUE", &self.names.request_queue)
             .env("AMQP_CONTROL_QUEUE", &self.names.control_queue)
@@ -212,21 +215,55 @@ impl Harness {
             .env("AMQP_DEAD_LETTER_EXCHANGE", &self.names.dead_letter_exchange)
             .env("AMQP_DEAD_LETTER_QUEUE", &self.names.dead_letter_queue)
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("WORKER_ID", format!("{}-worker", self.id))
+            .env("WORKER_ID", worker_id)
             .env_remove("K8S_GALAXY_INSTANCE_ID")
             .args(&self.extra_args)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{}/{}.worker.log", log_dir(), self.id)).unwrap());
+            .stderr(std::fs::File::create(format!("{}/{worker_id}.worker.log", log_dir())).unwrap());
         if let Some(instance) = &self.instance_id {
             cmd.env("K8S_GALAXY_INSTANCE_ID", instance);
         }
-        self.worker = Some(cmd.spawn().expect("start worker"));
-        let url = format!("http://127.0.0.1:{port}/readyz");
-        wait_for("worker ready", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { http_get(&url).await.is_some_and(|(code, _)| code == 200) }
-        })
-        .await;
+        cmd
+    }
+
+    /// Starts the worker binary and waits until `/readyz` says ready.
+    pub async fn start_worker(&mut self) {
+        let port = free_port();
+        self.http_port = port;
+        let worker_id = format!("{}-worker", self.id);
+        self.worker = Some(self.worker_command(&worker_id, port).spawn().expect("start worker"));
+        wait_ready(port).await;
+    }
+
+    /// Starts another replica on the same queues and namespace.
+    pub async fn second_replica(&self, name: &str) -> Replica {
+        let port = free_port();
+        let child = self.worker_command(&format!("{}-{name}", self.id), port).spawn().expect("start replica");
+        wait_ready(port).await;
+        Replica { child: Some(child), port }
+    }
+
+    /// Sends SIGTERM and returns how long the worker took to exit, and its exit status.
+    pub fn terminate_worker(&mut self) -> (Duration, std::process::ExitStatus) {
+        let mut child = self.worker.take().expect("worker running");
+        let started = Instant::now();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        (started.elapsed(), status)
+    }
+
+    /// `/readyz` status code.
+    pub async fn readyz(&self) -> Option<u16> {
+        http_get(&format!("http://127.0.0.1:{}/readyz", self.http_port)).await.map(|(code, _)| code)
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http_get(&format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     /// SIGKILLs the worker.
@@ -347,6 +384,41 @@ impl Harness {
         }
         let _ = self.conn.close(200, "done".into()).await;
     }
+}
+
+/// An extra worker process.
+pub struct Replica {
+    pub child: Option<Child>,
+    pub port: u16,
+}
+
+impl Replica {
+    /// SIGKILLs it.
+    pub fn kill_worker(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill_worker();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_ready(port: u16) {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    wait_for("worker ready", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { http_get(&url).await.is_some_and(|(code, _)| code == 200) }
+    })
+    .await;
 }
 
 impl Drop for Harness {
