@@ -1,5 +1,5 @@
-//! Handling cancel/control messages. A cancel deletes the Job with its pods and reports
-//! `cancelled`; a cancel for a request not seen yet leaves a tombstone Job (no pods) so the
+//! Handling cancel/control messages. A cancel stops the Job (its pods are deleted at once,
+//! the Job itself by the reporting replica) and reports `cancelled`; a cancel for a request not seen yet leaves a tombstone Job (no pods) so the
 //! request, when it comes, is reported cancelled instead of started.
 
 use std::{sync::Arc, time::Duration};
@@ -60,7 +60,7 @@ async fn cancel(ctx: &Context, body: &[u8]) -> Result<(), Error> {
             return Ok(());
         }
         if meta.cancelled.is_none() {
-            jobs::mark_and_delete(ctx, &name, &meta.uid, spec::ANN_CANCELLED, &reason).await?;
+            jobs::mark_cancelled(ctx, &name, &meta.uid, &reason).await?;
         }
         fingerprint = meta.fingerprint;
     }

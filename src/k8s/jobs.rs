@@ -79,6 +79,19 @@ pub async fn mark_and_delete(ctx: &Context, name: &str, uid: &str, annotation: &
     delete(ctx, name, Some(uid)).await
 }
 
+/// Cancels a Job without deleting it: the annotation tells every replica why it ends, and
+/// `parallelism: 0` makes the job controller delete its pods at once. The reporting replica
+/// deletes the Job itself once it has seen the annotation, so no watch gap can turn a
+/// cancel into `lost`.
+pub async fn mark_cancelled(ctx: &Context, name: &str, uid: &str, reason: &str) -> Result<()> {
+    let patch = json!({"metadata": {"uid": uid, "annotations": {ANN_CANCELLED: reason}}, "spec": {"parallelism": 0}});
+    match ctx.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
+        Err(e) => Err(Error::Kube { verb: "patch", source: e }),
+    }
+}
+
 /// Deletes a Job and (in the background) its pods; a missing Job is not an error.
 pub async fn delete(ctx: &Context, name: &str, uid: Option<&str>) -> Result<()> {
     let dp = DeleteParams {

@@ -172,6 +172,13 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         }
         let meta = &report.meta;
         let state = report.outcome.state;
+        if state == JobState::Cancelled {
+            if let Err(err) = jobs::delete(&ctx, &meta.name, Some(&meta.uid)).await {
+                let error = err.to_string();
+                ctx.metrics.observe(Observation::KubeError { verb: "delete", job_name: &meta.name, error: &error });
+            }
+            continue;
+        }
         if state == JobState::OomKilled && report.exists {
             if let Err(err) = jobs::stop(&ctx, &meta.name).await {
                 let error = err.to_string();

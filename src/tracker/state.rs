@@ -13,7 +13,8 @@ use crate::{
     k8s::view::{job_meta, job_view, pod_owner, pod_view, JobMeta},
 };
 
-/// An event the worker must publish for a Job.
+/// An event the worker must publish for a Job. A `cancelled` report is cleanup only: the
+/// cancel handler already published its event; the reporter deletes the stopped Job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     /// The Job.
@@ -206,6 +207,14 @@ impl TrackerState {
         self.jobs_synced = true;
         let seen = self.relisting_jobs.take().unwrap_or_default();
         let vanished: Vec<String> = self.jobs.keys().filter(|uid| !seen.contains(*uid)).cloned().collect();
+        // A vanished Job whose name now belongs to another Job was replaced, not lost.
+        let names_now: HashSet<String> =
+            self.jobs.iter().filter(|(uid, _)| seen.contains(*uid)).map(|(_, t)| t.meta.name.clone()).collect();
+        for uid in &vanished {
+            if let Some(t) = self.jobs.get_mut(uid) {
+                t.meta.replaced |= names_now.contains(&t.meta.name);
+            }
+        }
         let mut reports: Vec<Report> = vanished
             .iter()
             .filter_map(|uid| {
@@ -248,8 +257,22 @@ impl TrackerState {
             return None;
         }
         let tracked = self.jobs.get_mut(uid)?;
-        if tracked.meta.cancelled.is_some() || tracked.meta.replaced || tracked.meta.fingerprint.is_empty() {
-            return None;
+        if tracked.meta.replaced || tracked.meta.fingerprint.is_empty() {
+            return None; // replaced: never reported; no fingerprint: a cancel tombstone
+        }
+        if tracked.meta.cancelled.is_some() {
+            if !exists || tracked.meta.deleting || tracked.emitted == Some(JobState::Cancelled) {
+                return None;
+            }
+            tracked.emitted = Some(JobState::Cancelled);
+            return Some(Report {
+                meta: tracked.meta.clone(),
+                outcome: Outcome { state: JobState::Cancelled, reason: "cancelled".into(), exit_code: None },
+                pods: Vec::new(),
+                occurred_at: None,
+                exists,
+                view: tracked.view.clone(),
+            });
         }
         let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
         let outcome = classify(&tracked.view, &pods);

@@ -193,3 +193,25 @@ fn a_paused_replica_tracks_silently_and_reports_on_takeover() {
     assert_eq!(reports, vec![("u1".to_string(), JobState::Running), ("u2".to_string(), JobState::Lost)]);
     assert!(s.set_reporting(true).is_empty(), "already reporting: nothing repeated");
 }
+
+#[test]
+fn a_job_replaced_during_a_watch_outage_is_not_lost() {
+    let mut s = synced();
+    s.apply_job(&job("old", json!({}), json!({})));
+    s.apply_pod(&pod("p1", "old", "Running", None));
+    s.begin_job_relist();
+    s.apply_job(&job("new", json!({ANN_FINGERPRINT: "fp2"}), json!({})));
+    let reports = s.end_job_relist();
+    assert!(reports.iter().all(|r| r.outcome.state != JobState::Lost), "{reports:?}");
+}
+
+#[test]
+fn a_cancelled_job_is_handed_to_cleanup_once_and_never_reported_lost() {
+    let mut s = synced();
+    s.apply_job(&job("u1", json!({}), json!({})));
+    s.apply_pod(&pod("p1", "u1", "Running", None));
+    let cleanup = s.apply_job(&job("u1", json!({ANN_CANCELLED: "user"}), json!({}))).unwrap();
+    assert_eq!((cleanup.outcome.state, cleanup.exists), (JobState::Cancelled, true));
+    assert_eq!(state_of(s.apply_job(&job("u1", json!({ANN_CANCELLED: "user"}), json!({})))), None);
+    assert_eq!(state_of(s.delete_job(&job("u1", json!({ANN_CANCELLED: "user"}), json!({})))), None);
+}

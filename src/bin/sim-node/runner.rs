@@ -24,12 +24,18 @@ fn pods_api(sim: &Sim, pod: &Pod) -> Api<Pod> {
     Api::namespaced(sim.client.clone(), &pod.namespace().unwrap_or_default())
 }
 
+/// Updates the pod's status, retrying (as a kubelet does) until it lands or the pod is gone.
 async fn patch_status(sim: &Sim, pod: &Pod, status: Value) {
-    let result = pods_api(sim, pod)
-        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
-        .await;
-    if let Err(err) = result {
-        tracing::warn!(pod = %pod.name_any(), %err, "status update failed");
+    let patch = json!({ "status": status });
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..120 {
+        match pods_api(sim, pod).patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 404 => return,
+            Err(err) => tracing::warn!(pod = %pod.name_any(), %err, "status update failed; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 
