@@ -119,6 +119,15 @@ pub struct KubeSettings {
     /// When finished Jobs are deleted (after their terminal event is confirmed).
     #[arg(long, env = "K8S_CLEANUP_JOB", value_enum, default_value = "always")]
     pub k8s_cleanup_job: CleanupPolicy,
+    /// Walltime of a job in seconds (the Job's activeDeadlineSeconds); a request may ask for less.
+    #[arg(long, env = "K8S_WALLTIME_LIMIT", default_value_t = 172800)]
+    pub k8s_walltime_limit: i64,
+    /// Seconds a pod may stay unschedulable before the job fails as `unschedulable` (unset: no limit).
+    #[arg(long, env = "K8S_UNSCHEDULABLE_WALLTIME_LIMIT")]
+    pub k8s_unschedulable_walltime_limit: Option<u64>,
+    /// Seconds image pull errors are tolerated before the job fails as `image_pull_failed`.
+    #[arg(long, env = "K8S_IMAGE_PULL_GRACE_SECONDS", default_value_t = 120)]
+    pub k8s_image_pull_grace_seconds: u64,
     /// How long a cancel for a request not yet seen keeps that request from starting (seconds).
     #[arg(long, env = "K8S_CANCEL_TOMBSTONE_SECONDS", default_value_t = 86400)]
     pub k8s_cancel_tombstone_seconds: i64,
@@ -210,6 +219,14 @@ impl Settings {
             return Err("prefetch must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Time limits for pods that cannot start.
+    pub fn limits(&self) -> crate::domain::outcome::Limits {
+        crate::domain::outcome::Limits {
+            unschedulable_after: self.kube.k8s_unschedulable_walltime_limit.map(Duration::from_secs),
+            image_pull_grace: Duration::from_secs(self.kube.k8s_image_pull_grace_seconds),
+        }
     }
 
     /// The instance id, when configured.

@@ -54,7 +54,10 @@ async fn cancel(ctx: &Context, body: &[u8]) -> Result<(), Error> {
     let mut fingerprint = String::new();
     if let Some(job) = existing {
         let meta = view::job_meta(&job);
-        let finished = outcome::classify(&view::job_view(&job), &[]).state.is_terminal() || meta.reported.is_some();
+        let finished = outcome::classify(&view::job_view(&job), &[], jiff::Timestamp::now(), &ctx.settings.limits())
+            .state
+            .is_terminal()
+            || meta.reported.is_some();
         if finished && meta.cancelled.is_none() {
             tracing::info!(job_id = control.job_id, job_name = name, "cancel ignored: the job already finished");
             return Ok(());

@@ -80,3 +80,34 @@ async fn two_replicas_report_each_outcome_once() {
     b.kill_worker();
     a.finish().await;
 }
+
+#[tokio::test]
+async fn a_poison_request_is_parked_after_the_delivery_limit() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    let mut h = Harness::new("r-poison").await;
+    h.extra_args = vec!["--delivery-limit".into(), "2".into()];
+    h.start_worker().await; // declares the topology
+    h.kill_worker();
+    // A consumer that "crashes" on the message every time: it goes back to the queue...
+    h.submit(&request("poison", "true")).await;
+    let ch = h.conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            h.names.request_queue.clone().into(),
+            "crasher".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
+        d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    }
+    // ...until the quorum queue's delivery limit parks it in the dead-letter queue.
+    let parked = h.dead_letters(1).await;
+    assert_eq!(parked.len(), 1, "poison message dead-lettered");
+    assert!(String::from_utf8_lossy(&parked[0].delivery.data).contains("poison"));
+    h.finish().await;
+}

@@ -179,6 +179,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                 limits_cpu: None,
                 limits_memory: args.limits_memory.as_deref().map(k8s_job_worker::config::parse_resource),
                 max_pod_retrials: args.max_pod_retrials,
+                walltime_seconds: None,
                 env: Vec::new(),
                 destination_id: None,
                 labels: Default::default(),

@@ -26,6 +26,16 @@ pub enum JobState {
     Cancelled,
     /// The Job disappeared without being cancelled or finished.
     Lost,
+    /// The job ran past its walltime (`activeDeadlineSeconds`).
+    WalltimeExceeded,
+    /// No node could take the pod for longer than `k8s_unschedulable_walltime_limit`.
+    Unschedulable,
+    /// The image could not be pulled (after the grace period; invalid names at once).
+    ImagePullFailed,
+    /// The pod was evicted or preempted: not the tool's fault; resubmitting is reasonable.
+    Preempted,
+    /// The node running the pod was lost.
+    NodeLost,
 }
 
 impl JobState {
@@ -44,6 +54,11 @@ impl JobState {
             JobState::OomKilled => "oom_killed",
             JobState::Cancelled => "cancelled",
             JobState::Lost => "lost",
+            JobState::WalltimeExceeded => "walltime_exceeded",
+            JobState::Unschedulable => "unschedulable",
+            JobState::ImagePullFailed => "image_pull_failed",
+            JobState::Preempted => "preempted",
+            JobState::NodeLost => "node_lost",
         }
     }
 
@@ -57,6 +72,11 @@ impl JobState {
             JobState::OomKilled,
             JobState::Cancelled,
             JobState::Lost,
+            JobState::WalltimeExceeded,
+            JobState::Unschedulable,
+            JobState::ImagePullFailed,
+            JobState::Preempted,
+            JobState::NodeLost,
         ]
         .into_iter()
         .find(|state| state.as_str() == s)
@@ -134,7 +154,20 @@ mod tests {
 
     #[test]
     fn states_round_trip() {
-        for s in ["submitted", "running", "succeeded", "failed", "oom_killed", "cancelled", "lost"] {
+        for s in [
+            "submitted",
+            "running",
+            "succeeded",
+            "failed",
+            "oom_killed",
+            "cancelled",
+            "lost",
+            "walltime_exceeded",
+            "unschedulable",
+            "image_pull_failed",
+            "preempted",
+            "node_lost",
+        ] {
             assert_eq!(JobState::parse(s).map(JobState::as_str), Some(s));
         }
         assert!(JobState::Lost.is_terminal() && !JobState::Running.is_terminal());

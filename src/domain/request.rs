@@ -47,6 +47,9 @@ pub struct JobRequest {
     /// Memory limit, same forms as `requests_memory`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits_memory: Option<ResourceValue>,
+    /// Walltime in seconds (capped by the worker's `k8s_walltime_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub walltime_seconds: Option<u64>,
     /// Pod retrials allowed before the job fails (the Job's backoffLimit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pod_retrials: Option<u32>,

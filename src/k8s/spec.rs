@@ -90,6 +90,18 @@ fn resource(
     value.quantity(kind).map(|q| q.map(Quantity)).map_err(|why| ValidationError::invalid(field, why))
 }
 
+/// The Job's activeDeadlineSeconds: the request's walltime, never above the worker's limit
+/// (a limit of 0 or less means none).
+pub fn walltime(requested: Option<u64>, limit: i64) -> Option<i64> {
+    let requested = requested.filter(|s| *s > 0).map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    match (requested, limit > 0) {
+        (Some(r), true) => Some(r.min(limit)),
+        (Some(r), false) => Some(r),
+        (None, true) => Some(limit),
+        (None, false) => None,
+    }
+}
+
 /// Builds the Job for a validated request.
 pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, ValidationError> {
     let name = job_name_for(settings, &request.job_id, request.attempt);
@@ -174,6 +186,7 @@ pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, V
             ..ObjectMeta::default()
         },
         spec: Some(JobSpec {
+            active_deadline_seconds: walltime(request.walltime_seconds, k.k8s_walltime_limit),
             backoff_limit: Some(i32::try_from(retrials).unwrap_or(i32::MAX)),
             completions: Some(1),
             parallelism: Some(1),

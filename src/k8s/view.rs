@@ -68,6 +68,7 @@ pub fn job_view(job: &Job) -> JobView {
             .and_then(|s| s.completion_time.as_ref())
             .map(rfc3339)
             .or_else(|| condition("Failed").and_then(|c| c.last_transition_time.as_ref()).map(rfc3339)),
+        active_deadline_seconds: job.spec.as_ref().and_then(|s| s.active_deadline_seconds),
     }
 }
 
@@ -96,7 +97,34 @@ pub fn pod_view(pod: &Pod) -> PodView {
             finished_at: t.finished_at.as_ref().map(rfc3339),
         })
         .collect();
+    let conditions = status.and_then(|s| s.conditions.as_ref());
+    let condition = |kind: &str| conditions.and_then(|cs| cs.iter().find(|c| c.type_ == kind));
+    let unschedulable = condition("PodScheduled")
+        .filter(|c| c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        .map(|c| {
+            let since = c.last_transition_time.as_ref().map(|t| t.0).unwrap_or_else(jiff::Timestamp::now);
+            (since, c.message.clone().unwrap_or_default())
+        });
+    let pull_failure = status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten().find_map(|cs| {
+        let waiting = cs.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.clone()?;
+        matches!(reason.as_str(), "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull")
+            .then(|| (reason, waiting.message.clone().unwrap_or_default(), cs.image.clone()))
+    });
+    let pod_reason = status.and_then(|s| s.reason.clone());
+    let disrupted = condition("DisruptionTarget")
+        .filter(|c| c.status == "True")
+        .map(|c| c.message.clone().or(c.reason.clone()).unwrap_or_default())
+        .or_else(|| {
+            matches!(pod_reason.as_deref(), Some("Evicted" | "Preempting")).then(|| {
+                status.and_then(|s| s.message.clone()).unwrap_or_else(|| pod_reason.clone().unwrap_or_default())
+            })
+        });
     PodView {
+        started_at: status.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
+        pull_failure,
+        unschedulable,
+        disrupted,
         name: pod.metadata.name.clone().unwrap_or_default(),
         phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
         terminations,

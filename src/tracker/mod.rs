@@ -59,7 +59,8 @@ pub async fn run(ctx: Arc<Context>) {
         senders.push(tx);
         executors.spawn(execute(ctx.clone(), rx));
     }
-    let mut state = TrackerState::paused();
+    let mut state = TrackerState::paused(ctx.settings.limits());
+    let mut timers = tokio::time::interval(Duration::from_secs(2));
     let mut leadership = ctx.leadership.subscribe();
     let changes = futures::stream::select(job_changes(&ctx), pod_changes(&ctx));
     futures::pin_mut!(changes);
@@ -79,6 +80,7 @@ pub async fn run(ctx: Arc<Context>) {
                 state.set_reporting(leader)
             }
             _ = reconcile.tick() => relist(&ctx, &mut state).await,
+            _ = timers.tick() => state.tick(),
         };
         if state.synced() && !ctx.watch_synced.swap(true, Ordering::Relaxed) {
             tracing::info!("job and pod watches synced");
@@ -146,7 +148,7 @@ async fn refresh(ctx: &Context, report: &mut Report) {
     match jobs::current_pods(ctx, &report.meta.name, &report.meta.uid).await {
         Ok(mut pods) if !pods.is_empty() => {
             pods.sort_by(|a, b| a.created.cmp(&b.created));
-            let outcome = classify(&report.view, &pods);
+            let outcome = classify(&report.view, &pods, jiff::Timestamp::now(), &ctx.settings.limits());
             if outcome.state.is_terminal() {
                 report.outcome = outcome;
             }
@@ -179,7 +181,9 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
             }
             continue;
         }
-        if state == JobState::OomKilled && report.exists {
+        // These states end a Job that would otherwise go on: stop it making pods.
+        let stop = matches!(state, JobState::OomKilled | JobState::Preempted | JobState::NodeLost);
+        if stop && report.exists {
             if let Err(err) = jobs::stop(&ctx, &meta.name).await {
                 let error = err.to_string();
                 ctx.metrics.observe(Observation::KubeError { verb: "patch", job_name: &meta.name, error: &error });
@@ -205,7 +209,13 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
             continue; // shutting down: a restarted worker reports it again
         }
         if state.is_terminal() && report.exists {
-            if let Err(err) = jobs::after_terminal(&ctx, &meta.name, &meta.uid, state).await {
+            // A Job that cannot start is deleted whatever the cleanup policy: it would wait forever.
+            let result = if matches!(state, JobState::Unschedulable | JobState::ImagePullFailed) {
+                jobs::delete(&ctx, &meta.name, Some(&meta.uid)).await
+            } else {
+                jobs::after_terminal(&ctx, &meta.name, &meta.uid, state).await
+            };
+            if let Err(err) = result {
                 let error = err.to_string();
                 ctx.metrics.observe(Observation::KubeError { verb: "delete", job_name: &meta.name, error: &error });
             }

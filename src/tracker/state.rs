@@ -8,7 +8,7 @@ use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use crate::{
     domain::{
         event::JobState,
-        outcome::{classify, JobView, Outcome, PodView},
+        outcome::{classify, has_timer, JobView, Limits, Outcome, PodView},
     },
     k8s::view::{job_meta, job_view, pod_owner, pod_view, JobMeta},
 };
@@ -62,12 +62,41 @@ pub struct TrackerState {
     paused: bool,
     /// `lost` reports observed while paused, handed out when reporting starts.
     departed: Vec<(std::time::Instant, Report)>,
+    /// Jobs with a pod waiting under a time limit (unschedulable, image pull).
+    timed: HashSet<String>,
+    /// Time limits for waiting pods.
+    limits: Limits,
+    /// The clock (a fixed one in tests).
+    clock: Option<fn() -> jiff::Timestamp>,
 }
 
 impl TrackerState {
     /// A state that keeps track but reports nothing until [`TrackerState::set_reporting`].
-    pub fn paused() -> Self {
-        TrackerState { paused: true, ..TrackerState::default() }
+    pub fn paused(limits: Limits) -> Self {
+        TrackerState { paused: true, limits, ..TrackerState::default() }
+    }
+
+    /// Uses these time limits and this clock (tests).
+    pub fn with_limits(mut self, limits: Limits, clock: fn() -> jiff::Timestamp) -> Self {
+        self.limits = limits;
+        self.clock = Some(clock);
+        self
+    }
+
+    fn now(&self) -> jiff::Timestamp {
+        self.clock.map_or_else(jiff::Timestamp::now, |c| c())
+    }
+
+    fn classify(&self, uid: &str) -> Option<Outcome> {
+        let tracked = self.jobs.get(uid)?;
+        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
+        Some(classify(&tracked.view, &pods, self.now(), &self.limits))
+    }
+
+    /// Re-evaluates the Jobs whose pods wait under a time limit (called every few seconds).
+    pub fn tick(&mut self) -> Vec<Report> {
+        let timed: Vec<String> = self.timed.iter().cloned().collect();
+        timed.iter().filter_map(|uid| self.evaluate(uid, true)).collect()
     }
 
     /// Starts or stops reporting. Starting forgets what was emitted in memory (another
@@ -137,6 +166,7 @@ impl TrackerState {
         };
         self.jobs.remove(&uid);
         self.pods.remove(&uid);
+        self.timed.remove(&uid);
         report
     }
 
@@ -146,8 +176,7 @@ impl TrackerState {
         if tracked.meta.cancelled.is_some() || tracked.meta.replaced || rank(tracked.emitted) == 2 {
             return None;
         }
-        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
-        if classify(&tracked.view, &pods).state.is_terminal() {
+        if self.classify(uid).is_some_and(|o| o.state.is_terminal()) {
             // It finished before it went: its terminal event, not `lost` (the reporter's job).
             return self.evaluate(uid, false);
         }
@@ -181,7 +210,13 @@ impl TrackerState {
         if let Some(seen) = self.relisting_pods.as_mut() {
             seen.insert((owner.clone(), view.name.clone()));
         }
-        self.pods.entry(owner.clone()).or_default().insert(view.name.clone(), view);
+        let pods = self.pods.entry(owner.clone()).or_default();
+        pods.insert(view.name.clone(), view);
+        if pods.values().any(has_timer) {
+            self.timed.insert(owner.clone());
+        } else {
+            self.timed.remove(&owner);
+        }
         self.evaluate(&owner, true)
     }
 
@@ -274,8 +309,9 @@ impl TrackerState {
                 view: tracked.view.clone(),
             });
         }
+        let outcome = self.classify(uid)?;
         let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
-        let outcome = classify(&tracked.view, &pods);
+        let tracked = self.jobs.get_mut(uid)?;
         if outcome.state == JobState::Submitted || rank(Some(outcome.state)) <= rank(tracked.emitted) {
             return None;
         }

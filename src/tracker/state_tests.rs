@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::domain::outcome::Limits;
 use crate::k8s::spec::{ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED};
 
 fn job(uid: &str, annotations: serde_json::Value, status: serde_json::Value) -> Job {
@@ -166,7 +167,7 @@ fn tombstones_are_never_reported() {
 
 #[test]
 fn a_paused_replica_tracks_silently_and_reports_on_takeover() {
-    let mut s = TrackerState::paused();
+    let mut s = TrackerState::paused(Limits::default());
     s.begin_job_relist();
     s.end_job_relist();
     s.begin_pod_relist();

@@ -1,0 +1,152 @@
+//! bench: how fast the worker turns messages into Jobs and outcomes into events, what it
+//! costs the apiserver to track running Jobs, and how much memory it needs. Prints a table
+//! and writes the same figures as JSON. Run through `scripts/bench`.
+
+mod apiserver;
+mod load;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde_json::json;
+
+/// Benchmark sizes (every one is a flag).
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Throughput, latency, tracking cost and memory of k8s-job-worker on the local environment")]
+pub struct Args {
+    /// Requests published at once for the creation-throughput test.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
+    /// Requests sent one at a time for the latency test.
+    #[arg(long, default_value_t = 200)]
+    sequential: usize,
+    /// Jobs held running for the tracking-cost and memory test.
+    #[arg(long, default_value_t = 5000)]
+    tracked: usize,
+    /// Length of the quiet period in which apiserver requests are counted, in seconds.
+    #[arg(long, default_value_t = 60)]
+    quiet_seconds: u64,
+    /// Concurrent creates (the worker's prefetch, and the raw client's concurrency).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Write the figures as JSON here.
+    #[arg(long, default_value = "target/bench.json")]
+    json_out: std::path::PathBuf,
+    /// AMQP URL.
+    #[arg(long, env = "AMQP_URL")]
+    amqp_url: String,
+    /// Directory with the environment's PKI and admin token (for the apiserver's /metrics).
+    #[arg(long, env = "TESTENV_DIR")]
+    testenv_dir: std::path::PathBuf,
+}
+
+/// p50 / p99 / max of a sample, in milliseconds.
+pub fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
+    if samples.is_empty() {
+        return json!(null);
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1)];
+    let ms = |d: Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
+    json!({"p50_ms": ms(at(0.50)), "p99_ms": ms(at(0.99)), "max_ms": ms(at(1.0)), "n": samples.len()})
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt().with_env_filter("warn").init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await.context("KUBECONFIG")?;
+    let mut figures: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    figures.insert("machine", json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
+
+    // 1. Creation throughput: the worker vs a plain client, same concurrency.
+    let mut env = load::Env::new(&client, &args, "bench-raw").await?;
+    let raw = env.raw_creates(args.burst, args.concurrency).await?;
+    env.finish().await;
+    let mut env = load::Env::new(&client, &args, "bench-burst").await?;
+    env.start_worker(&args).await?;
+    let worker = env.burst(args.burst).await?;
+    env.finish().await;
+    let (raw_rate, worker_rate) = (args.burst as f64 / raw.as_secs_f64(), args.burst as f64 / worker.as_secs_f64());
+    figures.insert(
+        "1_creation_throughput",
+        json!({"jobs": args.burst, "concurrency": args.concurrency,
+               "raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
+               "ratio_worker_to_raw": round(worker_rate / raw_rate)}),
+    );
+    eprintln!("[bench] creation: raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
+
+    // 2. Latency at low load.
+    let mut env = load::Env::new(&client, &args, "bench-latency").await?;
+    env.start_worker(&args).await?;
+    let (to_job, to_event) = env.sequential(args.sequential).await?;
+    env.finish().await;
+    figures.insert("2_publish_to_job_exists", percentiles(to_job));
+    figures.insert("2_pod_terminal_to_event", percentiles(to_event));
+
+    // 3 + 4. Tracking cost and memory with M held jobs.
+    let mut env = load::Env::new(&client, &args, "bench-track").await?;
+    env.start_worker(&args).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_idle = env.worker_rss_kib();
+    let started = Instant::now();
+    env.hold(args.tracked).await?;
+    eprintln!("[bench] {} jobs running after {:.0} s; quiet period", args.tracked, started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let quiet = Duration::from_secs(args.quiet_seconds);
+    let with_worker = apiserver::requests_during(&args.testenv_dir, quiet).await?;
+    let rss_tracked = env.worker_rss_kib();
+    env.stop_worker();
+    let without_worker = apiserver::requests_during(&args.testenv_dir, quiet).await?;
+    env.finish().await;
+    let worker_requests = apiserver::difference(&with_worker, &without_worker);
+    let total: f64 = worker_requests.values().sum();
+    figures.insert(
+        "3_tracking_cost",
+        json!({"running_jobs": args.tracked, "quiet_seconds": args.quiet_seconds,
+               "worker_requests_per_s": round(total / quiet.as_secs_f64()),
+               "by_verb_resource_per_s": worker_requests.iter().map(|(k, v)| (k.clone(), round(v / quiet.as_secs_f64()))).collect::<BTreeMap<_, _>>(),
+               "all_clients_with_worker_per_s": round(with_worker.values().sum::<f64>() / quiet.as_secs_f64()),
+               "all_clients_without_worker_per_s": round(without_worker.values().sum::<f64>() / quiet.as_secs_f64())}),
+    );
+    let per_job = (rss_tracked as f64 - rss_idle as f64) / args.tracked.max(1) as f64;
+    figures.insert(
+        "4_memory",
+        json!({"rss_idle_mib": round(rss_idle as f64 / 1024.0), "rss_tracked_mib": round(rss_tracked as f64 / 1024.0),
+               "tracked_jobs": args.tracked, "kib_per_job": round(per_job),
+               "projected_rss_10k_mib": round((rss_idle as f64 + per_job * 10_000.0) / 1024.0)}),
+    );
+
+    let text = serde_json::to_string_pretty(&figures)?;
+    if let Some(dir) = args.json_out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json_out, &text)?;
+    println!("{}", table(&figures));
+    println!("(JSON: {})", args.json_out.display());
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn table(figures: &BTreeMap<&str, serde_json::Value>) -> String {
+    let mut out = String::new();
+    for (section, value) in figures {
+        match value.as_object() {
+            Some(map) => {
+                for (k, v) in map {
+                    out.push_str(&format!("{section:<28} {k:<36} {v}\n"));
+                }
+            }
+            None => out.push_str(&format!("{section:<28} {value}\n")),
+        }
+    }
+    out
+}
