@@ -75,9 +75,23 @@ pub async fn run(ctx: Arc<Context>) {
     let name = lease_name(&ctx.settings.kube.k8s_job_name_prefix, ctx.settings.instance_id());
     let duration = Duration::from_secs(ctx.settings.worker.lease_seconds.max(3));
     let mut observed: Option<(String, Instant)> = None; // (resourceVersion, when first seen)
+    let mut held: Option<Lease> = None; // our Lease as last written: renewing needs no GET
     loop {
         let started = Instant::now();
-        match try_acquire(&ctx, &leases, &name, duration, &mut observed).await {
+        if let Some(lease) = held.take() {
+            match renew(&leases, &name, lease).await {
+                Ok(lease) => {
+                    held = Some(lease);
+                    ctx.leadership.set(Some(started + duration));
+                    if ctx.shutdown.sleep_or_stop(duration / 3).await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(err) => tracing::debug!(%err, lease = name, "renewal failed; re-reading the lease"),
+            }
+        }
+        match try_acquire(&ctx, &leases, &name, duration, &mut observed, &mut held).await {
             Ok(true) => ctx.leadership.set(Some(started + duration)),
             Ok(false) => ctx.leadership.set(None),
             Err(err) => {
@@ -95,12 +109,21 @@ pub async fn run(ctx: Arc<Context>) {
     ctx.leadership.set(None);
 }
 
+/// Renews a Lease we hold with one PUT (the resourceVersion makes it fail if anyone else wrote).
+async fn renew(leases: &Api<Lease>, name: &str, mut lease: Lease) -> kube::Result<Lease> {
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.renew_time = Some(now_micro());
+    }
+    leases.replace(name, &PostParams::default(), &lease).await
+}
+
 async fn try_acquire(
     ctx: &Context,
     leases: &Api<Lease>,
     name: &str,
     duration: Duration,
     observed: &mut Option<(String, Instant)>,
+    held: &mut Option<Lease>,
 ) -> kube::Result<bool> {
     let me = ctx.worker_id.as_str();
     let spec = |transitions: i32, acquired: Option<MicroTime>| LeaseSpec {
@@ -117,8 +140,9 @@ async fn try_acquire(
             spec: Some(spec(0, None)),
         };
         return match leases.create(&PostParams::default(), &lease).await {
-            Ok(_) => {
+            Ok(created) => {
                 tracing::info!(lease = name, "became the reporting replica");
+                *held = Some(created);
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -147,10 +171,11 @@ async fn try_acquire(
         lease.spec = Some(spec(transitions + 1, None));
     }
     match leases.replace(name, &PostParams::default(), &lease).await {
-        Ok(_) => {
+        Ok(written) => {
             if holder != me {
                 tracing::info!(lease = name, previous = holder, "took over as the reporting replica");
             }
+            *held = Some(written);
             Ok(true)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

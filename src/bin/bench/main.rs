@@ -104,7 +104,12 @@ async fn main() -> anyhow::Result<()> {
     env.stop_worker();
     let without_worker = apiserver::requests_during(&args.testenv_dir, quiet).await?;
     env.finish().await;
-    let worker_requests = apiserver::difference(&with_worker, &without_worker);
+    // Only what the worker touches counts: Jobs, pods (and their logs) and its Lease; the
+    // rest is the apiserver's and the controllers' own background traffic.
+    let worker_requests: apiserver::Counts = apiserver::difference(&with_worker, &without_worker)
+        .into_iter()
+        .filter(|(k, _)| ["jobs", "pods", "leases"].contains(&k.split(' ').nth(1).unwrap_or("")))
+        .collect();
     let total: f64 = worker_requests.values().sum();
     figures.insert(
         "3_tracking_cost",
