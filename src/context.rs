@@ -10,7 +10,7 @@ use kube::{Api, Client};
 
 use crate::{
     amqp::broker::Broker,
-    config::Settings,
+    config::{placement::Placement, Settings},
     domain::event::{event_id, JobEvent, JobState, EVENT_SCHEMA},
     leader::Leadership,
     observe::Metrics,
@@ -39,6 +39,8 @@ pub struct Context {
     pub watch_synced: AtomicBool,
     /// Whether this replica is the one reporting Job outcomes.
     pub leadership: Leadership,
+    /// Placement defaults and the request policy, parsed once.
+    pub placement: Placement,
 }
 
 /// What an event is about.
@@ -57,6 +59,7 @@ impl Context {
     /// A context for this client, broker and settings.
     pub fn new(client: Client, broker: Arc<Broker>, settings: Settings, shutdown: Shutdown) -> Self {
         let ns = settings.kube.k8s_namespace.clone();
+        let settings_placement = settings.kube.placement.parse().unwrap_or_default();
         Context {
             jobs: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
@@ -68,6 +71,8 @@ impl Context {
             shutdown,
             watch_synced: AtomicBool::new(false),
             leadership: Leadership::default(),
+            // Validated at start-up (Settings::validate); a parse error cannot happen here.
+            placement: settings_placement,
         }
     }
 

@@ -60,7 +60,7 @@ pub async fn handle_request(ctx: Arc<Context>, delivery: Delivery) {
 /// Validates, makes sure the Job exists, and confirms the `submitted` (or `cancelled`) event.
 async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Error> {
     let request = request::parse_request(body, ctx.settings.amqp.max_message_bytes)?;
-    let job = spec::build_job(&request, &ctx.settings.kube)?;
+    let job = spec::build_job(&request, &ctx.settings.kube, &ctx.placement)?;
     let fingerprint = spec::fingerprint(&request);
     let name = job.metadata.name.clone().unwrap_or_default();
     let action = jobs::create_or_adopt(ctx, &job, &fingerprint).await?;

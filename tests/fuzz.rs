@@ -125,7 +125,8 @@ proptest! {
         let Ok(req) = parse_request(&body, 1 << 20) else { return Ok(()) };
         ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         prop_assert!(value.get("hostPath").is_none(), "a request with a forbidden field was accepted");
-        let Ok(job) = build_job(&req, &settings().kube) else { return Ok(()) };
+        let kube = settings().kube;
+        let Ok(job) = build_job(&req, &kube, &kube.placement.parse().unwrap()) else { return Ok(()) };
         let name = job.metadata.name.clone().unwrap();
         prop_assert!(is_dns_label(&name), "job name {:?}", name);
         let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();

@@ -7,7 +7,7 @@ use clap::Args;
 use futures::StreamExt;
 use k8s_job_worker::domain::{
     event::JobEvent,
-    request::{self, ImageRef, JobControl, JobRequest},
+    request::{self, JobControl},
 };
 use lapin::{
     options::{
@@ -167,24 +167,16 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             let (Some(job_id), Some(command_line)) = (args.job_id.clone(), args.command_line.clone()) else {
                 bail!("give --file, or --job-id and --command");
             };
-            serde_json::to_vec(&JobRequest {
-                schema: request::REQUEST_SCHEMA.into(),
-                job_id,
-                attempt: None,
-                command_line,
-                working_directory: None,
-                image: ImageRef::Reference(args.image.clone()),
-                requests_cpu: None,
-                requests_memory: None,
-                limits_cpu: None,
-                limits_memory: args.limits_memory.as_deref().map(k8s_job_worker::config::parse_resource),
-                max_pod_retrials: args.max_pod_retrials,
-                walltime_seconds: None,
-                env: Vec::new(),
-                destination_id: None,
-                labels: Default::default(),
-                annotations: Default::default(),
-            })?
+            let mut request = serde_json::json!({
+                "schema": request::REQUEST_SCHEMA, "job_id": job_id, "command_line": command_line, "image": args.image,
+            });
+            if let Some(memory) = args.limits_memory.as_deref() {
+                request["limits_memory"] = serde_json::to_value(k8s_job_worker::config::parse_resource(memory))?;
+            }
+            if let Some(retrials) = args.max_pod_retrials {
+                request["max_pod_retrials"] = retrials.into();
+            }
+            serde_json::to_vec(&request)?
         }
     };
     let job_id = request::readable_job_id(&body);

@@ -3,6 +3,8 @@
 pub mod event;
 pub mod naming;
 pub mod outcome;
+pub mod placement;
+pub mod policy;
 pub mod quantity;
 pub mod request;
 pub mod resources;
@@ -25,6 +27,14 @@ pub enum ValidationError {
     /// Wrong or missing schema identifier.
     #[error("unsupported schema: {0}")]
     Schema(String),
+    /// The request is outside the configured policy.
+    #[error("refused by {rule}: {detail}")]
+    Policy {
+        /// The policy setting.
+        rule: &'static str,
+        /// What was asked.
+        detail: String,
+    },
     /// A field has an invalid value.
     #[error("invalid {field}: {why}")]
     Invalid {
@@ -48,6 +58,7 @@ impl ValidationError {
             ValidationError::Malformed(_) => "malformed",
             ValidationError::Schema(_) => "schema",
             ValidationError::Invalid { .. } => "invalid",
+            ValidationError::Policy { .. } => "policy",
         }
     }
 }

@@ -59,6 +59,24 @@ pub struct JobRequest {
     /// Galaxy destination id; the container is named after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_id: Option<String>,
+    /// Node selector (each pair must be allowed by `policy_allowed_node_selectors`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations, added to the worker's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<super::placement::Toleration>,
+    /// Priority class (overrides `k8s_pod_priority_class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class: Option<String>,
+    /// runAsUser (overrides `k8s_run_as_user_id`; never 0 = root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    /// runAsGroup (overrides `k8s_run_as_group_id`; never 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+    /// PVC mounts `claim[/subpath]:/mount/path[:r]` (each claim must be in `policy_allowed_pvcs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     /// Extra labels on the Job and its pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -127,6 +145,8 @@ pub struct EnvVar {
 pub enum ControlAction {
     /// Stop the job (or keep it from starting) and report `cancelled`.
     Cancel,
+    /// Republish the job's current state (Pulsar's status poll).
+    Status,
 }
 
 /// A message on the cancel/control queue.
@@ -197,7 +217,13 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
             return Err(ValidationError::invalid("env", format!("{:?} is not a variable name", var.name)));
         }
     }
-    for (key, value) in &request.labels {
+    for volume in &request.volumes {
+        super::placement::parse_pvc_mount(volume).map_err(|why| ValidationError::invalid("volumes", why))?;
+    }
+    if request.run_as_user.is_some_and(|u| u <= 0) || request.run_as_group.is_some_and(|g| g <= 0) {
+        return Err(ValidationError::invalid("run_as_user", "must be a positive id (never root)"));
+    }
+    for (key, value) in request.labels.iter().chain(&request.node_selector) {
         super::naming::check_label(key, value).map_err(|why| ValidationError::invalid("labels", why))?;
     }
     for key in request.annotations.keys() {

@@ -2,5 +2,6 @@
 
 pub mod client;
 pub mod jobs;
+pub mod pod;
 pub mod spec;
 pub mod view;

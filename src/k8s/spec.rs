@@ -5,22 +5,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         batch::v1::{Job, JobSpec},
-        core::v1::{
-            Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-            ResourceRequirements, Volume, VolumeMount,
-        },
+        core::v1::{Container, PodSpec, PodTemplateSpec},
     },
-    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use super::pod::pod_spec;
 use crate::{
-    config::{parse_resource, KubeSettings},
-    domain::{
-        naming,
-        request::JobRequest,
-        resources::{Resource, ResourceValue},
-        ValidationError,
-    },
+    config::{placement::Placement, KubeSettings},
+    domain::{naming, request::JobRequest, ValidationError},
 };
 
 /// Label every Job and pod of this worker carries.
@@ -74,22 +67,6 @@ fn base_labels(settings: &KubeSettings, name: &str, job_id: &str) -> BTreeMap<St
     labels
 }
 
-fn resource(
-    from_request: &Option<ResourceValue>,
-    default: &Option<String>,
-    kind: Resource,
-    field: &'static str,
-) -> Result<Option<Quantity>, ValidationError> {
-    let value = match from_request {
-        Some(v) => v.clone(),
-        None => match default {
-            Some(d) => parse_resource(d),
-            None => return Ok(None),
-        },
-    };
-    value.quantity(kind).map(|q| q.map(Quantity)).map_err(|why| ValidationError::invalid(field, why))
-}
-
 /// The Job's activeDeadlineSeconds: the request's walltime, never above the worker's limit
 /// (a limit of 0 or less means none).
 pub fn walltime(requested: Option<u64>, limit: i64) -> Option<i64> {
@@ -102,109 +79,48 @@ pub fn walltime(requested: Option<u64>, limit: i64) -> Option<i64> {
     }
 }
 
-/// Builds the Job for a validated request.
-pub fn build_job(request: &JobRequest, settings: &KubeSettings) -> Result<Job, ValidationError> {
+/// Builds the Job for a validated request, refusing what the policy does not allow.
+pub fn build_job(request: &JobRequest, settings: &KubeSettings, placement: &Placement) -> Result<Job, ValidationError> {
     let name = job_name_for(settings, &request.job_id, request.attempt);
-    let mut labels = request.labels.clone();
-    labels.extend(base_labels(settings, &name, &request.job_id));
-    let mut annotations = request.annotations.clone();
-    annotations.insert(ANN_JOB_ID.into(), request.job_id.clone());
-    annotations.insert(ANN_FINGERPRINT.into(), fingerprint(request));
+    let base = base_labels(settings, &name, &request.job_id);
+    let mut ours = BTreeMap::from([
+        (ANN_JOB_ID.to_string(), request.job_id.clone()),
+        (ANN_FINGERPRINT.to_string(), fingerprint(request)),
+    ]);
     if let Some(attempt) = request.attempt {
-        annotations.insert(ANN_ATTEMPT.into(), attempt.to_string());
+        ours.insert(ANN_ATTEMPT.into(), attempt.to_string());
     }
-
-    let k = settings;
-    let quantities = |entries: [(&str, Option<Quantity>); 2]| -> BTreeMap<String, Quantity> {
-        entries.into_iter().filter_map(|(key, q)| Some((key.to_string(), q?))).collect()
+    // Later maps win: request, then worker extras, then the labels the worker relies on.
+    let merge = |maps: [&BTreeMap<String, String>; 3]| -> BTreeMap<String, String> {
+        maps.into_iter().flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone()))).collect()
     };
-    let requests = quantities([
-        ("cpu", resource(&request.requests_cpu, &k.k8s_default_requests_cpu, Resource::Cpu, "requests_cpu")?),
-        (
-            "memory",
-            resource(&request.requests_memory, &k.k8s_default_requests_memory, Resource::Memory, "requests_memory")?,
-        ),
-    ]);
-    let limits = quantities([
-        ("cpu", resource(&request.limits_cpu, &k.k8s_default_limits_cpu, Resource::Cpu, "limits_cpu")?),
-        ("memory", resource(&request.limits_memory, &k.k8s_default_limits_memory, Resource::Memory, "limits_memory")?),
-    ]);
-
-    let pull_policy =
-        k.k8s_pull_policy.as_deref().filter(|p| matches!(*p, "Always" | "IfNotPresent" | "Never")).map(str::to_string);
-    let (volumes, mounts) = match (&k.k8s_persistent_volume_claim_name, &k.k8s_persistent_volume_claim_mount_path) {
-        (Some(claim), Some(path)) => (
-            Some(vec![Volume {
-                name: "galaxy-data".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.clone(),
-                    read_only: None,
-                }),
-                ..Volume::default()
-            }]),
-            Some(vec![VolumeMount { name: "galaxy-data".into(), mount_path: path.clone(), ..VolumeMount::default() }]),
-        ),
-        _ => (None, None),
-    };
-    let positive = |g: Option<i64>| g.filter(|g| *g > 0);
-    let security =
-        (positive(k.k8s_fs_group_id).is_some() || positive(k.k8s_supplemental_group_id).is_some()).then(|| {
-            PodSecurityContext {
-                fs_group: positive(k.k8s_fs_group_id),
-                supplemental_groups: positive(k.k8s_supplemental_group_id).map(|g| vec![g]),
-                ..PodSecurityContext::default()
-            }
-        });
-    let env: Vec<EnvVar> = request
-        .env
-        .iter()
-        .map(|v| EnvVar { name: v.name.clone(), value: Some(v.value.clone()), value_from: None })
-        .collect();
-
-    let container = Container {
-        name: naming::container_name(request.destination_id.as_deref()),
-        image: Some(request.image.reference()),
-        command: Some(vec!["/bin/bash".into(), "-c".into(), request.command_line.clone()]),
-        working_dir: request.working_directory.clone(),
-        env: (!env.is_empty()).then_some(env),
-        image_pull_policy: pull_policy,
-        resources: (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
-            requests: (!requests.is_empty()).then_some(requests),
-            limits: (!limits.is_empty()).then_some(limits),
-            ..ResourceRequirements::default()
-        }),
-        volume_mounts: mounts,
-        ..Container::default()
-    };
-    let retrials = request.max_pod_retrials.unwrap_or(k.k8s_pod_retrials);
+    let job_labels = merge([&request.labels, &placement.job_labels, &base]);
+    let pod_labels = merge([&request.labels, &placement.pod_labels, &base]);
+    let job_annotations = merge([&request.annotations, &placement.job_annotations, &ours]);
+    let pod_annotations = merge([&request.annotations, &placement.pod_annotations, &ours]);
+    let pod = pod_spec(request, settings, placement)?;
+    let retrials = request.max_pod_retrials.unwrap_or(settings.k8s_pod_retrials);
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: Some(k.k8s_namespace.clone()),
-            labels: Some(labels.clone()),
-            annotations: Some(annotations.clone()),
+            namespace: Some(settings.k8s_namespace.clone()),
+            labels: Some(job_labels),
+            annotations: Some(job_annotations),
             ..ObjectMeta::default()
         },
         spec: Some(JobSpec {
-            active_deadline_seconds: walltime(request.walltime_seconds, k.k8s_walltime_limit),
+            active_deadline_seconds: walltime(request.walltime_seconds, settings.k8s_walltime_limit),
             backoff_limit: Some(i32::try_from(retrials).unwrap_or(i32::MAX)),
             completions: Some(1),
             parallelism: Some(1),
+            ttl_seconds_after_finished: settings.placement.k8s_job_ttl_secs_after_finished,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    annotations: Some(annotations),
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    containers: vec![container],
-                    volumes,
-                    security_context: security,
-                    // Galaxy tools have no business with the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod),
             },
             ..JobSpec::default()
         }),

@@ -1,7 +1,7 @@
 //! What the worker knows about its Jobs, built only from watch events, and the reports it
 //! owes Galaxy. Pure: fed Job and Pod objects, it returns [`Report`]s; tests drive it directly.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 
@@ -53,7 +53,9 @@ const DEPARTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(120)
 #[derive(Default)]
 pub struct TrackerState {
     jobs: HashMap<String, Tracked>,
-    pods: HashMap<String, BTreeMap<String, PodView>>,
+    /// Pods by Job uid. A Vec, not a map: a Job has one pod or a few, and a B-tree node
+    /// would cost kilobytes per Job.
+    pods: HashMap<String, Vec<PodView>>,
     jobs_synced: bool,
     pods_synced: bool,
     relisting_jobs: Option<HashSet<String>>,
@@ -89,7 +91,7 @@ impl TrackerState {
 
     fn classify(&self, uid: &str) -> Option<Outcome> {
         let tracked = self.jobs.get(uid)?;
-        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let pods: Vec<PodView> = self.pods.get(uid).cloned().unwrap_or_default();
         Some(classify(&tracked.view, &pods, self.now(), &self.limits))
     }
 
@@ -182,7 +184,7 @@ impl TrackerState {
         }
         let tracked = self.jobs.get_mut(uid)?;
         tracked.emitted = Some(JobState::Lost);
-        let pods = self.pods.get(uid).map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        let pods = self.pods.get(uid).map(|p| p.iter().map(|v| v.name.clone()).collect()).unwrap_or_default();
         let report = Some(Report {
             meta: tracked.meta.clone(),
             outcome: Outcome {
@@ -211,8 +213,11 @@ impl TrackerState {
             seen.insert((owner.clone(), view.name.clone()));
         }
         let pods = self.pods.entry(owner.clone()).or_default();
-        pods.insert(view.name.clone(), view);
-        if pods.values().any(has_timer) {
+        match pods.iter_mut().find(|p| p.name == view.name) {
+            Some(known) => *known = view,
+            None => pods.push(view),
+        }
+        if pods.iter().any(has_timer) {
             self.timed.insert(owner.clone());
         } else {
             self.timed.remove(&owner);
@@ -226,7 +231,7 @@ impl TrackerState {
             if let Some(pods) = self.pods.get_mut(&owner) {
                 // Keep the view while its Job lives: an OOM kill must not be forgotten.
                 if !self.jobs.contains_key(&owner) {
-                    pods.remove(name);
+                    pods.retain(|p| &p.name != name);
                 }
             }
         }
@@ -274,7 +279,7 @@ impl TrackerState {
         if let Some(seen) = self.relisting_pods.take() {
             for (owner, pods) in self.pods.iter_mut() {
                 if !self.jobs.contains_key(owner) {
-                    pods.retain(|name, _| seen.contains(&(owner.clone(), name.clone())));
+                    pods.retain(|p| seen.contains(&(owner.clone(), p.name.clone())));
                 }
             }
         }
@@ -310,7 +315,7 @@ impl TrackerState {
             });
         }
         let outcome = self.classify(uid)?;
-        let pods: Vec<PodView> = self.pods.get(uid).map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let pods: Vec<PodView> = self.pods.get(uid).cloned().unwrap_or_default();
         let tracked = self.jobs.get_mut(uid)?;
         if outcome.state == JobState::Submitted || rank(Some(outcome.state)) <= rank(tracked.emitted) {
             return None;

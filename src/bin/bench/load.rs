@@ -218,7 +218,9 @@ impl Env {
         let specs: Vec<Job> = (0..n)
             .map(|i| {
                 let body = serde_json::to_vec(&request(&format!("raw{i}"), "sleep infinity", true)).unwrap_or_default();
-                parse_request(&body, 1 << 20).ok().and_then(|r| build_job(&r, &settings.kube).ok())
+                parse_request(&body, 1 << 20)
+                    .ok()
+                    .and_then(|r| build_job(&r, &settings.kube, &settings.kube.placement.parse().ok()?).ok())
             })
             .collect::<Option<_>>()
             .ok_or_else(|| anyhow::anyhow!("request did not build"))?;

@@ -15,6 +15,30 @@ use crate::{logs::log_path, Sim};
 
 /// Annotation that keeps a pod Running without starting a process (for benchmarks).
 pub const HOLD_ANNOTATION: &str = "sim-node.k8s-job-worker/hold";
+/// Annotation: evict the pod (reason `Evicted`) this many seconds after it starts.
+pub const EVICT_ANNOTATION: &str = "sim-node.k8s-job-worker/evict-after-seconds";
+/// Annotation: lose the pod's node (reason `NodeLost`) this many seconds after it starts.
+pub const LOSE_NODE_ANNOTATION: &str = "sim-node.k8s-job-worker/lose-node-after-seconds";
+
+/// Whether an image reference cannot be parsed (uppercase repository), as the kubelet says.
+fn invalid_image(image: &str) -> bool {
+    let repo = image.rsplit_once('@').map_or(image, |(r, _)| r);
+    let repo = match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    };
+    repo.chars().any(|c| c.is_ascii_uppercase())
+}
+
+/// A disruption planned by annotation: after how long, the pod reason, and its message.
+fn planned_disruption(pod: &Pod) -> Option<(Duration, &'static str, String)> {
+    let after = |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs);
+    if let Some(d) = after(EVICT_ANNOTATION) {
+        return Some((d, "Evicted", "The node was low on resource: memory. Container main was using 2Gi.".into()));
+    }
+    after(LOSE_NODE_ANNOTATION)
+        .map(|d| (d, "NodeLost", format!("Node sim-node which was running pod {} is unresponsive", pod.name_any())))
+}
 
 fn now() -> String {
     jiff::Timestamp::now().to_string()
@@ -65,8 +89,12 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
     };
     let image = container.image.clone().unwrap_or_default();
     let started = now();
+    if invalid_image(&image) {
+        let message = format!("Failed to apply default image tag \"{image}\": couldn't parse image reference \"{image}\": invalid reference format: repository name must be lowercase");
+        return fail_pull(&sim, &pod, &container, &image, stop, Some(("InvalidImageName", message))).await;
+    }
     if !sim.args.pull_fail_pattern.is_empty() && image.contains(&sim.args.pull_fail_pattern) {
-        return fail_pull(&sim, &pod, &container, &image, stop).await;
+        return fail_pull(&sim, &pod, &container, &image, stop, None).await;
     }
     let running = |ready| {
         json!({
@@ -81,7 +109,7 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
         return;
     }
     let termination = match spawn(&sim, &pod, &container) {
-        Err(err) => Termination { exit_code: 128, reason: "StartError", message: Some(err) },
+        Err(err) => Termination { exit_code: 128, reason: "StartError", message: Some(err), pod_reason: None },
         Ok(child) => {
             patch_status(&sim, &pod, running(true)).await;
             let limit = container
@@ -90,7 +118,9 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
                 .and_then(|r| r.limits.as_ref())
                 .and_then(|l| l.get("memory"))
                 .and_then(|q| quantity::memory_bytes(&q.0));
-            match supervise(child, limit, Duration::from_millis(sim.args.memory_sample_ms), &mut stop).await {
+            let disruption = planned_disruption(&pod);
+            match supervise(child, limit, Duration::from_millis(sim.args.memory_sample_ms), disruption, &mut stop).await
+            {
                 Some(t) => t,
                 None => return, // deleted while running: the pod object is going away
             }
@@ -102,11 +132,13 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
         "startedAt": started, "finishedAt": now(),
         "containerID": format!("sim://{}", pod.uid().unwrap_or_default()),
     }});
+    let (pod_reason, pod_message) = termination.pod_reason.clone().map_or((None, None), |(r, m)| (Some(r), Some(m)));
     patch_status(
         &sim,
         &pod,
         json!({
             "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
+            "reason": pod_reason, "message": pod_message,
             "conditions": conditions(false, Some("PodCompleted")),
             "containerStatuses": [container_status(&container, &pod, state, false)],
         }),
@@ -122,6 +154,8 @@ struct Termination {
     exit_code: i32,
     reason: &'static str,
     message: Option<String>,
+    /// Pod-level reason and message (eviction, node loss).
+    pod_reason: Option<(&'static str, String)>,
 }
 
 fn spawn(sim: &Sim, pod: &Pod, c: &Container) -> Result<tokio::process::Child, String> {
@@ -164,19 +198,28 @@ async fn supervise(
     mut child: tokio::process::Child,
     limit: Option<u64>,
     sample: Duration,
+    disruption: Option<(Duration, &'static str, String)>,
     stop: &mut oneshot::Receiver<()>,
 ) -> Option<Termination> {
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let mut ticker = tokio::time::interval(sample);
+    let disrupt_at =
+        tokio::time::Instant::now() + disruption.as_ref().map_or(Duration::from_secs(86400 * 365), |d| d.0);
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(disrupt_at), if disruption.is_some() => {
+                kill_group(pgid);
+                let _ = child.wait().await;
+                let (_, reason, message) = disruption?;
+                return Some(Termination { exit_code: 137, reason: "Error", message: None, pod_reason: Some((reason, message)) });
+            }
             status = child.wait() => {
                 kill_group(pgid);
                 let status = status.ok()?;
                 use std::os::unix::process::ExitStatusExt;
                 let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(9));
                 let reason = if code == 0 { "Completed" } else { "Error" };
-                return Some(Termination { exit_code: code, reason, message: None });
+                return Some(Termination { exit_code: code, reason, message: None, pod_reason: None });
             }
             _ = &mut *stop => {
                 kill_group(pgid);
@@ -192,6 +235,7 @@ async fn supervise(
                         exit_code: 137,
                         reason: "OOMKilled",
                         message: Some(format!("memory {rss} bytes exceeded limit {} bytes", limit.unwrap_or(0))),
+                        pod_reason: None,
                     });
                 }
             }
@@ -228,15 +272,29 @@ fn group_rss(pgid: i32) -> u64 {
     total
 }
 
-/// Reports ErrImagePull, then ImagePullBackOff, until the pod is deleted.
-async fn fail_pull(sim: &Sim, pod: &Pod, c: &Container, image: &str, mut stop: oneshot::Receiver<()>) {
+/// Reports ErrImagePull, then ImagePullBackOff (or a fixed reason such as InvalidImageName),
+/// until the pod is deleted.
+async fn fail_pull(
+    sim: &Sim,
+    pod: &Pod,
+    c: &Container,
+    image: &str,
+    mut stop: oneshot::Receiver<()>,
+    fixed: Option<(&str, String)>,
+) {
+    let started = now(); // set once, as a kubelet does: it times the pull failure
     let waiting = |reason: &str, message: String| {
         json!({
-            "phase": "Pending", "hostIP": "127.0.0.1", "startTime": now(),
+            "phase": "Pending", "hostIP": "127.0.0.1", "startTime": started,
             "conditions": conditions(false, Some("ContainersNotReady")),
             "containerStatuses": [container_status(c, pod, json!({"waiting": {"reason": reason, "message": message}}), false)],
         })
     };
+    if let Some((reason, message)) = fixed {
+        patch_status(sim, pod, waiting(reason, message)).await;
+        let _ = stop.await;
+        return;
+    }
     let pull_error =
         format!("rpc error: code = NotFound desc = failed to pull and unpack image \"{image}\": not found");
     patch_status(sim, pod, waiting("ErrImagePull", pull_error.clone())).await;

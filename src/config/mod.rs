@@ -7,6 +7,8 @@ use clap::{Args, ValueEnum};
 
 use crate::domain::{naming, resources::ResourceValue};
 
+pub mod placement;
+
 /// Which queue type the worker declares for requests and control messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QueueType {
@@ -128,6 +130,9 @@ pub struct KubeSettings {
     /// Seconds image pull errors are tolerated before the job fails as `image_pull_failed`.
     #[arg(long, env = "K8S_IMAGE_PULL_GRACE_SECONDS", default_value_t = 120)]
     pub k8s_image_pull_grace_seconds: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub placement: placement::PlacementSettings,
     /// How long a cancel for a request not yet seen keeps that request from starting (seconds).
     #[arg(long, env = "K8S_CANCEL_TOMBSTONE_SECONDS", default_value_t = 86400)]
     pub k8s_cancel_tombstone_seconds: i64,
@@ -215,6 +220,7 @@ impl Settings {
             }
             _ => {}
         }
+        self.kube.placement.parse()?;
         if self.amqp.prefetch == 0 {
             return Err("prefetch must be at least 1".into());
         }
