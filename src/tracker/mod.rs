@@ -62,6 +62,9 @@ pub async fn run(ctx: Arc<Context>) {
     let mut state = TrackerState::paused(ctx.settings.limits());
     let mut timers = tokio::time::interval(Duration::from_secs(2));
     let mut leadership = ctx.leadership.subscribe();
+    // The Lease may have been won before we subscribed: start from the current role.
+    let initial = state.set_reporting(*leadership.borrow_and_update());
+    debug_assert!(initial.is_empty(), "nothing is synced yet");
     let changes = futures::stream::select(job_changes(&ctx), pod_changes(&ctx));
     futures::pin_mut!(changes);
     let period = Duration::from_secs(ctx.settings.worker.reconcile_seconds.max(1));
