@@ -311,6 +311,11 @@ impl Env {
             .unwrap_or(0)
     }
 
+    /// The worker's pid, when running.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(Child::id)
+    }
+
     pub fn stop_worker(&mut self) {
         if let Some(mut child) = self.worker.take() {
             // SAFETY: kill(2) on our own child's pid.
@@ -337,4 +342,21 @@ impl Env {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: [0] state ... [11] utime, [12] stime (clock ticks).
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// The pid of an environment process from its pid file.
+pub fn env_pid(dir: &std::path::Path, name: &str) -> Option<u32> {
+    std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
 }

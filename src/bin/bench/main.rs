@@ -65,19 +65,28 @@ async fn main() -> anyhow::Result<()> {
     figures.insert("machine", json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
 
     // 1. Creation throughput: the worker vs a plain client, same concurrency.
+    let api_pid = load::env_pid(&args.testenv_dir, "kube-apiserver").unwrap_or(0);
+    let me = std::process::id();
     let mut env = load::Env::new(&client, &args, "bench-raw").await?;
+    let (api0, me0) = (load::cpu_seconds(api_pid), load::cpu_seconds(me));
     let raw = env.raw_creates(args.burst, args.concurrency).await?;
+    let raw_cpu = json!({"apiserver_cpu_s": round(load::cpu_seconds(api_pid) - api0), "client_cpu_s": round(load::cpu_seconds(me) - me0)});
     env.finish().await;
     let mut env = load::Env::new(&client, &args, "bench-burst").await?;
     env.start_worker(&args).await?;
+    let worker_pid = env.worker_pid().unwrap_or(0);
+    let (api0, w0) = (load::cpu_seconds(api_pid), load::cpu_seconds(worker_pid));
     let worker = env.burst(args.burst).await?;
+    let worker_cpu = json!({"apiserver_cpu_s": round(load::cpu_seconds(api_pid) - api0), "worker_cpu_s": round(load::cpu_seconds(worker_pid) - w0)});
     env.finish().await;
     let (raw_rate, worker_rate) = (args.burst as f64 / raw.as_secs_f64(), args.burst as f64 / worker.as_secs_f64());
     figures.insert(
         "1_creation_throughput",
         json!({"jobs": args.burst, "concurrency": args.concurrency,
                "raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
-               "ratio_worker_to_raw": round(worker_rate / raw_rate)}),
+               "ratio_worker_to_raw": round(worker_rate / raw_rate),
+               "raw_seconds": round(raw.as_secs_f64()), "worker_seconds": round(worker.as_secs_f64()),
+               "cpu_during_raw": raw_cpu, "cpu_during_worker": worker_cpu}),
     );
     eprintln!("[bench] creation: raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
 

@@ -142,7 +142,7 @@ fn request(job_id: &str, kind: Kind, n: usize) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt().with_env_filter("warn").init();
+    tracing_subscriber::fmt().with_env_filter("warn,lapin=off").init();
     let args = Args::parse();
     let run = format!("chaos-{}", jiff::Timestamp::now().as_second());
     let client = kube::Client::try_default().await.context("KUBECONFIG")?;
