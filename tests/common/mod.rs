@@ -112,6 +112,8 @@ pub struct Harness {
     pub names: Names,
     pub instance_id: Option<String>,
     pub extra_args: Vec<String>,
+    /// Extra environment of the worker process.
+    pub extra_env: Vec<(String, String)>,
     /// Broker URL the worker uses (a proxy's, in connection-loss tests).
     pub worker_amqp_url: String,
     pub worker: Option<Child>,
@@ -176,6 +178,7 @@ impl Harness {
             names,
             instance_id: instance_id.map(str::to_string),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             worker_amqp_url: amqp_url(),
             worker: None,
             http_port: 0,
@@ -218,6 +221,7 @@ impl Harness {
             .env("WORKER_ID", worker_id)
             .env_remove("K8S_GALAXY_INSTANCE_ID")
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(format!("{}/{worker_id}.worker.log", log_dir())).unwrap());
         if let Some(instance) = &self.instance_id {

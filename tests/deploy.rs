@@ -1,0 +1,100 @@
+//! `deploy/`'s ServiceAccount, Role and RoleBinding, applied to the real apiserver: the worker
+//! running with only that ServiceAccount's token completes a job end to end, and the token can
+//! neither read Secrets nor touch another namespace.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_job_worker::domain::event::JobState;
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::api::{Api, ListParams, PostParams};
+
+fn manifest<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = format!("{}/deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn is_forbidden<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
+    matches!(result, Err(kube::Error::Api(e)) if e.code == 403)
+}
+
+#[tokio::test]
+async fn the_deploy_role_is_enough_for_a_job_and_nothing_more() {
+    let mut h = Harness::new("d-rbac").await;
+    let ns = h.namespace.clone();
+    let pp = PostParams::default();
+    Api::<ServiceAccount>::namespaced(h.client.clone(), &ns)
+        .create(&pp, &manifest("serviceaccount.yaml"))
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(h.client.clone(), &ns).create(&pp, &manifest("role.yaml")).await.unwrap();
+    Api::<RoleBinding>::namespaced(h.client.clone(), &ns).create(&pp, &manifest("rolebinding.yaml")).await.unwrap();
+
+    // The token the tokens controller issues for the worker's ServiceAccount.
+    let sas: Api<ServiceAccount> = Api::namespaced(h.client.clone(), &ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let secret_name = loop {
+        let sa = sas.get("k8s-job-worker").await.unwrap();
+        if let Some(name) = sa.secrets.and_then(|s| s.into_iter().next()).and_then(|r| r.name) {
+            break name;
+        }
+        assert!(std::time::Instant::now() < deadline, "no token for the service account");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let secret = Api::<Secret>::namespaced(h.client.clone(), &ns).get(&secret_name).await.unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+
+    // A kubeconfig with only that token.
+    let admin = kube::config::Kubeconfig::read_from(std::env::var("KUBECONFIG").unwrap()).unwrap();
+    let cluster = admin.clusters[0].cluster.clone().unwrap();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
+         users:\n- name: worker\n  user:\n    token: {token}\ncontexts:\n- name: w\n  context: {{cluster: c, user: worker, namespace: {ns}}}\ncurrent-context: w\n",
+        cluster.server.unwrap(),
+        cluster.certificate_authority_data.unwrap()
+    );
+    let path = format!("{}/{ns}.kubeconfig", log_dir());
+    std::fs::write(&path, &kubeconfig).unwrap();
+
+    // The worker with that identity runs a job end to end (create, watch, pods/log, lease, delete).
+    h.extra_env = vec![("K8S_CONFIG_PATH".into(), path.clone())];
+    h.start_worker().await;
+    h.submit(&request("1", "echo least privilege")).await;
+    let done = h.until_terminal("1").await.pop().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:#?}");
+    assert_eq!(done.log_tail.as_deref(), Some("least privilege\n"));
+    let jobs = h.jobs();
+    wait_for("cleanup allowed", Duration::from_secs(20), || async {
+        jobs.get_opt("galaxy-main-1").await.unwrap().is_none()
+    })
+    .await;
+
+    // ...and nothing more.
+    let config =
+        kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&path).unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let worker = kube::Client::try_from(config).unwrap();
+    assert!(Api::<Job>::namespaced(worker.clone(), &ns).list(&ListParams::default()).await.is_ok());
+    assert!(is_forbidden(Api::<Secret>::namespaced(worker.clone(), &ns).list(&ListParams::default()).await), "secrets");
+    assert!(
+        is_forbidden(Api::<Secret>::namespaced(worker.clone(), &ns).get(&secret_name).await),
+        "its own token secret"
+    );
+    assert!(
+        is_forbidden(Api::<Job>::namespaced(worker.clone(), "default").list(&ListParams::default()).await),
+        "another namespace"
+    );
+    let job: Job =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}))
+        .unwrap();
+    assert!(is_forbidden(Api::<Job>::namespaced(worker, "default").create(&pp, &job).await), "create elsewhere");
+    h.finish().await;
+}
