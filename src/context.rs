@@ -41,6 +41,8 @@ pub struct Context {
     pub leadership: Leadership,
     /// Placement defaults and the request policy, parsed once.
     pub placement: Placement,
+    /// Bounds the Job creations in flight (`k8s_max_concurrent_creates`).
+    pub creates: tokio::sync::Semaphore,
 }
 
 /// What an event is about.
@@ -60,6 +62,7 @@ impl Context {
     pub fn new(client: Client, broker: Arc<Broker>, settings: Settings, shutdown: Shutdown) -> Self {
         let ns = settings.kube.k8s_namespace.clone();
         let settings_placement = settings.kube.placement.parse().unwrap_or_default();
+        let creates = tokio::sync::Semaphore::new(settings.kube.k8s_max_concurrent_creates.max(1));
         Context {
             jobs: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
@@ -73,6 +76,7 @@ impl Context {
             leadership: Leadership::default(),
             // Validated at start-up (Settings::validate); a parse error cannot happen here.
             placement: settings_placement,
+            creates,
         }
     }
 

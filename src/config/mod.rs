@@ -56,8 +56,10 @@ pub struct AmqpSettings {
     /// Deliveries of one message before a quorum queue dead-letters it (poison messages).
     #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
-    /// Requests in flight per worker (the consumer prefetch).
-    #[arg(long, env = "AMQP_PREFETCH", default_value_t = 32)]
+    /// Requests in flight per worker (the consumer prefetch). Larger than
+    /// `k8s_max_concurrent_creates`, so broker round trips (confirm, ack, next delivery) overlap
+    /// with Job creation instead of idling the apiserver.
+    #[arg(long, env = "AMQP_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
     /// Largest accepted message body in bytes.
     #[arg(long, env = "AMQP_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
@@ -121,6 +123,9 @@ pub struct KubeSettings {
     /// When finished Jobs are deleted (after their terminal event is confirmed).
     #[arg(long, env = "K8S_CLEANUP_JOB", value_enum, default_value = "always")]
     pub k8s_cleanup_job: CleanupPolicy,
+    /// Job creations (API calls) in flight at once per worker: the load it puts on the apiserver.
+    #[arg(long, env = "K8S_MAX_CONCURRENT_CREATES", default_value_t = 32)]
+    pub k8s_max_concurrent_creates: usize,
     /// Walltime of a job in seconds (the Job's activeDeadlineSeconds); a request may ask for less.
     #[arg(long, env = "K8S_WALLTIME_LIMIT", default_value_t = 172800)]
     pub k8s_walltime_limit: i64,

@@ -27,6 +27,8 @@ fn is_code(err: &kube::Error, code: u16) -> bool {
 
 /// Creates the Job, or adopts / replaces the one that already has its name.
 pub async fn create_or_adopt(ctx: &Context, job: &Job, fingerprint: &str) -> Result<JobAction> {
+    // Holding a permit for the whole exchange bounds the apiserver load, not the deliveries.
+    let _permit = ctx.creates.acquire().await.map_err(|_| Error::NotConnected)?;
     let name = job.metadata.name.clone().unwrap_or_default();
     let mut replaced = false;
     for _ in 0..3 {

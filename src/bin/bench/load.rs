@@ -43,6 +43,7 @@ pub struct Env {
     worker: Option<Child>,
     queue: String,
     watches: Vec<tokio::task::JoinHandle<()>>,
+    http_port: u16,
 }
 
 fn request(job_id: &str, command: &str, hold: bool) -> serde_json::Value {
@@ -133,6 +134,7 @@ impl Env {
             worker: None,
             queue,
             watches: vec![job_watch, pod_watch],
+            http_port: 0,
         })
     }
 
@@ -150,13 +152,15 @@ impl Env {
             .env("AMQP_RESULT_EXCHANGE", format!("{}.events", self.ns))
             .env("AMQP_DEAD_LETTER_EXCHANGE", format!("{}.dlx", self.ns))
             .env("AMQP_DEAD_LETTER_QUEUE", format!("{}.dead-letter", self.ns))
-            .env("AMQP_PREFETCH", args.concurrency.to_string())
+            .env("AMQP_PREFETCH", (2 * args.concurrency).to_string())
+            .env("K8S_MAX_CONCURRENT_CREATES", args.concurrency.to_string())
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
         self.worker = Some(child);
+        self.http_port = port;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let ok = tokio::process::Command::new("curl")
@@ -247,6 +251,7 @@ impl Env {
         for c in confirms {
             c.await?;
         }
+        eprintln!("[bench] {n} requests published and confirmed in {:.2} s", started.elapsed().as_secs_f64());
         let last = self.wait_jobs(n, Duration::from_secs(600)).await?;
         Ok(last.duration_since(started))
     }
@@ -311,6 +316,25 @@ impl Env {
             .unwrap_or(0)
     }
 
+    /// Mean of a histogram in the worker's `/metrics`, in milliseconds.
+    pub async fn worker_metric_mean_ms(&self, name: &str) -> Option<f64> {
+        let out = tokio::process::Command::new("curl")
+            .args(["-fsS", &format!("http://127.0.0.1:{}/metrics", self.http_port)])
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = |suffix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}_{suffix} ")))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        };
+        Some(value("sum")? / value("count")?.max(1.0) * 1000.0)
+    }
+
     /// The worker's pid, when running.
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker.as_ref().map(Child::id)
@@ -359,4 +383,40 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// The pid of an environment process from its pid file.
 pub fn env_pid(dir: &std::path::Path, name: &str) -> Option<u32> {
     std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
+}
+
+/// CPU seconds of every process of the environment (and some of ours) at one moment.
+pub struct CpuSample(Vec<(String, f64)>);
+
+impl CpuSample {
+    fn read(dir: &std::path::Path, ours: &[(&str, u32)]) -> Vec<(String, f64)> {
+        let mut procs: Vec<(String, u32)> = ["kube-apiserver", "etcd", "kube-controller-manager", "sim-node"]
+            .iter()
+            .filter_map(|n| Some((n.to_string(), env_pid(dir, n)?)))
+            .collect();
+        // The broker's Erlang VM, when it runs on this machine.
+        if let Ok(out) = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output() {
+            if let Ok(pid) = String::from_utf8_lossy(&out.stdout).trim().parse() {
+                procs.push(("rabbitmq".into(), pid));
+            }
+        }
+        procs.extend(ours.iter().map(|(n, p)| (n.to_string(), *p)));
+        procs.into_iter().map(|(n, p)| (n, cpu_seconds(p))).collect()
+    }
+
+    /// Takes a sample.
+    pub fn take(dir: &std::path::Path, ours: &[(&str, u32)]) -> Self {
+        CpuSample(Self::read(dir, ours))
+    }
+
+    /// CPU seconds used by each process since this sample.
+    pub fn since(&self, dir: &std::path::Path, ours: &[(&str, u32)]) -> serde_json::Value {
+        let now = Self::read(dir, ours);
+        let mut out = serde_json::Map::new();
+        for (name, after) in now {
+            let before = self.0.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, v)| *v);
+            out.insert(name, json!(((after - before) * 100.0).round() / 100.0));
+        }
+        serde_json::Value::Object(out)
+    }
 }

@@ -65,19 +65,23 @@ async fn main() -> anyhow::Result<()> {
     figures.insert("machine", json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
 
     // 1. Creation throughput: the worker vs a plain client, same concurrency.
-    let api_pid = load::env_pid(&args.testenv_dir, "kube-apiserver").unwrap_or(0);
     let me = std::process::id();
     let mut env = load::Env::new(&client, &args, "bench-raw").await?;
-    let (api0, me0) = (load::cpu_seconds(api_pid), load::cpu_seconds(me));
+    let before = load::CpuSample::take(&args.testenv_dir, &[("client", me)]);
     let raw = env.raw_creates(args.burst, args.concurrency).await?;
-    let raw_cpu = json!({"apiserver_cpu_s": round(load::cpu_seconds(api_pid) - api0), "client_cpu_s": round(load::cpu_seconds(me) - me0)});
+    let raw_cpu = before.since(&args.testenv_dir, &[("client", me)]);
     env.finish().await;
     let mut env = load::Env::new(&client, &args, "bench-burst").await?;
     env.start_worker(&args).await?;
     let worker_pid = env.worker_pid().unwrap_or(0);
-    let (api0, w0) = (load::cpu_seconds(api_pid), load::cpu_seconds(worker_pid));
+    let procs = [("client", me), ("worker", worker_pid)];
+    let before = load::CpuSample::take(&args.testenv_dir, &procs);
     let worker = env.burst(args.burst).await?;
-    let worker_cpu = json!({"apiserver_cpu_s": round(load::cpu_seconds(api_pid) - api0), "worker_cpu_s": round(load::cpu_seconds(worker_pid) - w0)});
+    let mut worker_cpu = before.since(&args.testenv_dir, &procs);
+    worker_cpu["mean_delivery_to_job_ms"] =
+        json!(env.worker_metric_mean_ms("k8s_job_worker_request_to_job_seconds").await.map(round));
+    worker_cpu["mean_publish_confirm_ms"] =
+        json!(env.worker_metric_mean_ms("k8s_job_worker_publish_confirm_seconds").await.map(round));
     env.finish().await;
     let (raw_rate, worker_rate) = (args.burst as f64 / raw.as_secs_f64(), args.burst as f64 / worker.as_secs_f64());
     figures.insert(
@@ -86,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
                "raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
                "ratio_worker_to_raw": round(worker_rate / raw_rate),
                "raw_seconds": round(raw.as_secs_f64()), "worker_seconds": round(worker.as_secs_f64()),
-               "cpu_during_raw": raw_cpu, "cpu_during_worker": worker_cpu}),
+               "cpu_s_during_raw": raw_cpu, "cpu_s_during_worker": worker_cpu}),
     );
     eprintln!("[bench] creation: raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
 
