@@ -21,14 +21,6 @@ fn settings() -> Settings {
     Cli::parse_from(["t", "--k8s-galaxy-instance-id", "main", "--k8s-default-limits-memory", "2"]).settings
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
@@ -128,9 +120,9 @@ proptest! {
         let kube = settings().kube;
         let Ok(job) = build_job(&req, &kube, &kube.placement.parse().unwrap()) else { return Ok(()) };
         let name = job.metadata.name.clone().unwrap();
-        prop_assert!(is_dns_label(&name), "job name {:?}", name);
+        prop_assert!(naming::is_dns_label(&name), "job name {:?}", name);
         let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        prop_assert!(is_dns_label(&pod.containers[0].name), "container {:?}", pod.containers[0].name);
+        prop_assert!(naming::is_dns_label(&pod.containers[0].name), "container {:?}", pod.containers[0].name);
         for (k, v) in job.metadata.labels.as_ref().unwrap() {
             prop_assert!(naming::check_label(k, v).is_ok(), "label {}={}", k, v);
         }
@@ -143,6 +135,6 @@ proptest! {
     #[test]
     fn job_names_are_always_valid(prefix in "[a-z]{1,10}", instance in "[a-z0-9]{1,20}", id in ".{0,300}", attempt in prop::option::of(any::<u32>())) {
         let name = naming::job_name(&prefix, Some(&instance), &id, attempt);
-        prop_assert!(is_dns_label(&name), "{:?}", name);
+        prop_assert!(naming::is_dns_label(&name), "{:?}", name);
     }
 }

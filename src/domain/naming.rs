@@ -5,6 +5,15 @@ use sha2::{Digest, Sha256};
 /// Longest Kubernetes name that is also a valid label value (Job names become `app=` labels).
 pub const MAX_NAME: usize = 63;
 
+/// Whether `s` is a DNS-1123 label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Hex SHA-256 of `data`, shortened to `len` characters.
 pub fn short_hash(data: &[u8], len: usize) -> String {
     let digest = Sha256::digest(data);
@@ -134,14 +143,6 @@ pub fn check_label(key: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn is_dns_label(s: &str) -> bool {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !s.starts_with('-')
-            && !s.ends_with('-')
-    }
 
     #[test]
     fn plain_names_follow_the_runner() {
