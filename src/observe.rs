@@ -172,6 +172,25 @@ impl Default for Metrics {
             m.terminal_to_event.clone(),
         );
         registry.register("jobs_tracked", "Jobs tracked, by state", m.tracked.clone());
+        // Every series exists from the start at 0, so rates and alerts work before the first event.
+        for outcome in ["accepted", "malformed", "schema", "invalid", "too_large", "policy", "requeued"] {
+            let _ = m.requests.get_or_create(&outcome.into());
+        }
+        for action in ["created", "adopted", "replaced", "already_cancelled"] {
+            let _ = m.jobs.get_or_create(&action.into());
+        }
+        for state in crate::domain::event::JobState::ALL {
+            let _ = m.events.get_or_create(&state.as_str().into());
+        }
+        for error in ["nacked", "unroutable", "confirm_timeout", "amqp", "not_connected"] {
+            let _ = m.publish_failures.get_or_create(&error.into());
+        }
+        for verb in ["create", "get", "patch", "delete", "list"] {
+            let _ = m.kube_errors.get_or_create(&verb.into());
+        }
+        for state in ["submitted", "running", "finished"] {
+            let _ = m.tracked.get_or_create(&state.into());
+        }
         Metrics { registry, ..m }
     }
 }

@@ -96,5 +96,38 @@ async fn the_deploy_role_is_enough_for_a_job_and_nothing_more() {
         "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}))
         .unwrap();
     assert!(is_forbidden(Api::<Job>::namespaced(worker, "default").create(&pp, &job).await), "create elsewhere");
+
+    // `check` with that identity: everything there; then, without pods/log, it names the gap.
+    let check = |path: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_k8s-job-worker"))
+            .args([
+                "--log-format",
+                "text",
+                "check",
+                "--k8s-namespace",
+                &ns,
+                "--k8s-config-path",
+                path,
+                "--amqp-url",
+                &amqp_url(),
+            ])
+            .env("RUST_LOG", "off")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (ok, out) = check(&path);
+    assert!(ok && out.contains("all 13 permissions"), "{out}");
+    assert!(out.contains("note  namespace"), "a namespaced Role cannot read namespaces: {out}");
+    let roles: Api<Role> = Api::namespaced(h.client.clone(), &ns);
+    let mut role = roles.get("k8s-job-worker").await.unwrap();
+    role.rules
+        .as_mut()
+        .unwrap()
+        .retain(|r| r.resources.as_ref().is_none_or(|res| !res.contains(&"pods/log".to_string())));
+    roles.replace("k8s-job-worker", &pp, &role).await.unwrap();
+    let (ok, out) = check(&path);
+    assert!(!ok && out.contains("FAIL  missing permission in namespace") && out.contains("get pods/log"), "{out}");
     h.finish().await;
 }

@@ -1,5 +1,6 @@
 //! Command line: `run` (the worker), `submit`, `cancel`, `events`, `schema`.
 
+mod check;
 mod tools;
 
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ enum Command {
     Events(tools::EventsArgs),
     /// Print the JSON Schemas of the message contract, or write them to a directory.
     Schema(SchemaArgs),
+    /// Verify the broker login and queues, the apiserver, the namespace, the configured PVCs and
+    /// every permission the worker needs (SelfSubjectAccessReview), naming whatever is missing.
+    Check(Box<Settings>),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +72,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(settings) => run(*settings).await,
         Command::Submit(args) => tools::submit(args).await,
+        Command::Check(settings) => check::check(*settings).await,
         Command::Cancel(args) => tools::cancel(args).await,
         Command::Events(args) => tools::events(args).await,
         Command::Schema(args) => {

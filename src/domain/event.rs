@@ -62,24 +62,25 @@ impl JobState {
         }
     }
 
+    /// Every state.
+    pub const ALL: [JobState; 12] = [
+        JobState::Submitted,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::OomKilled,
+        JobState::Cancelled,
+        JobState::Lost,
+        JobState::WalltimeExceeded,
+        JobState::Unschedulable,
+        JobState::ImagePullFailed,
+        JobState::Preempted,
+        JobState::NodeLost,
+    ];
+
     /// Parses [`JobState::as_str`] back.
     pub fn parse(s: &str) -> Option<JobState> {
-        [
-            JobState::Submitted,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Failed,
-            JobState::OomKilled,
-            JobState::Cancelled,
-            JobState::Lost,
-            JobState::WalltimeExceeded,
-            JobState::Unschedulable,
-            JobState::ImagePullFailed,
-            JobState::Preempted,
-            JobState::NodeLost,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == s)
+        JobState::ALL.into_iter().find(|state| state.as_str() == s)
     }
 }
 
