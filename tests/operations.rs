@@ -95,3 +95,29 @@ async fn check_names_every_missing_piece() {
     assert!(!ok && out.contains("FAIL  configuration: k8s_galaxy_instance_id"), "{out}");
     drop_namespace(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn the_python_example_submits_and_receives_the_terminal_event() {
+    let python = std::env::var("PYTHON_WITH_PIKA")
+        .expect("PYTHON_WITH_PIKA not set: scripts/test creates a venv with pika and sets it");
+    let mut h = Harness::new("o-python").await;
+    h.start_worker().await;
+    let out = tokio::process::Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/galaxy/k8s_job_worker_client.py"))
+        .args(["--job-id", "py-1", "--command", "echo from python", "--wait", "--timeout", "60"])
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_REQUEST_QUEUE", &h.names.request_queue)
+        .env("AMQP_CONTROL_QUEUE", &h.names.control_queue)
+        .env("AMQP_RESULT_EXCHANGE", &h.names.result_exchange)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "succeeded");
+    assert_eq!(last["log_tail"], "from python\n");
+    // The worker saw it as any other request.
+    assert_eq!(h.until_terminal("py-1").await.last().unwrap().state, JobState::Succeeded);
+    h.finish().await;
+}
