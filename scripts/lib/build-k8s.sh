@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (once) and caches the local control plane's binaries:
-#   kube-apiserver, kube-controller-manager  (Kubernetes v1.20.2, Debian bookworm source package)
+#   kube-apiserver, kube-controller-manager, kubectl  (Kubernetes v1.20.2, Debian bookworm source package)
 #   etcd                                     (Debian bookworm etcd-server 3.4)
 # using Go 1.15 from Debian bullseye, unpacked privately. Nothing is installed system-wide
 # and the system's apt sources are never touched: apt runs against a private sources list
@@ -19,7 +19,7 @@ log() { printf '[build-k8s] %s\n' "$*" >&2; }
 die() { printf '[build-k8s] error: %s\n' "$*" >&2; exit 1; }
 
 have_all() {
-  [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]
+  [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/kubectl" && -x "$BIN/etcd" ]]
 }
 
 if have_all; then
@@ -107,18 +107,21 @@ if [[ ! -d "$SRC_PARENT/kubernetes/vendor" ]]; then
   cd "$WORK" && rm -rf "$WORK/src-pkg"
 fi
 
-log "building kube-apiserver and kube-controller-manager with Go 1.15 (10-15 min on 2 cores)"
+log "building kube-apiserver, kube-controller-manager and kubectl with Go 1.15 (5-15 min on 2 cores)"
 cd "$SRC_PARENT/kubernetes"
 export GOROOT="$GOROOT_DIR" GOPATH="$WORK/gopath" GO111MODULE=off GOFLAGS=-mod=vendor
 export PATH="$GOROOT/bin:$PATH"
 unset GOFLAGS
 export KUBE_GIT_VERSION="$K8S_VERSION" KUBE_GIT_TREE_STATE=clean
-make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$WORK/make.log" 2>&1 || {
+make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl" >"$WORK/make.log" 2>&1 || {
   tail -40 "$WORK/make.log" >&2
   die "kubernetes build failed (full log: $WORK/make.log)"
 }
 out="_output/local/bin/$(go env GOOS)/$(go env GOARCH)"
-cp "$out/kube-apiserver" "$out/kube-controller-manager" "$BIN/"
+for b in kube-apiserver kube-controller-manager kubectl; do
+  # Copy then rename: a running binary cannot be overwritten in place ("text file busy").
+  cp "$out/$b" "$BIN/.$b.new" && mv -f "$BIN/.$b.new" "$BIN/$b"
+done
 have_all || die "binaries missing after build"
 log "cached in $BIN"
 echo "$BIN"
