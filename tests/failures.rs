@@ -274,3 +274,33 @@ async fn a_status_request_republishes_the_current_state() {
     assert!(lost.reason.contains("no Kubernetes Job"), "{}", lost.reason);
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_preempted_job_is_resubmitted_without_using_its_retrials() {
+    let mut h = Harness::new("f-resubmit").await;
+    h.extra_args = [
+        "--k8s-preempted-resubmit-delay-seconds",
+        "1",
+        "--k8s-preempted-max-resubmissions",
+        "2",
+        "--k8s-cleanup-job",
+        "never",
+    ]
+    .map(String::from)
+    .to_vec();
+    h.start_worker().await;
+    let mut req = request("9", "sleep 60");
+    req["max_pod_retrials"] = json!(0); // resubmissions must not need retrials
+    req["annotations"] = json!({"sim-node.k8s-job-worker/evict-after-seconds": "1"});
+    h.submit(&req).await;
+    let events = h.events_until("9", Duration::from_secs(60), |e| e.iter().any(|e| e.state.is_terminal())).await;
+    let last = events.last().unwrap();
+    // Evicted every time here: after two resubmissions it is reported, once.
+    assert_eq!(last.state, JobState::Preempted, "{events:#?}");
+    assert!(last.reason.contains("after 2 resubmission(s)"), "{}", last.reason);
+    let all = h.settle("9", Duration::from_secs(2)).await;
+    assert_eq!(all.iter().filter(|e| e.state.is_terminal()).count(), 1, "{all:#?}");
+    let job = h.jobs().get("galaxy-main-9").await.unwrap();
+    assert_eq!(job.metadata.annotations.unwrap()["k8s-job-worker/resubmissions"], "2");
+    h.finish().await;
+}

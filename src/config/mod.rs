@@ -123,6 +123,13 @@ pub struct KubeSettings {
     /// When finished Jobs are deleted (after their terminal event is confirmed).
     #[arg(long, env = "K8S_CLEANUP_JOB", value_enum, default_value = "always")]
     pub k8s_cleanup_job: CleanupPolicy,
+    /// Seconds after which a preempted/evicted or node-lost job is resubmitted (a new Job, not
+    /// counted against the pod retrials); unset: report `preempted`/`node_lost` to Galaxy at once.
+    #[arg(long, env = "K8S_PREEMPTED_RESUBMIT_DELAY_SECONDS")]
+    pub k8s_preempted_resubmit_delay_seconds: Option<u64>,
+    /// Resubmissions after preemption before the job is reported `preempted`/`node_lost`.
+    #[arg(long, env = "K8S_PREEMPTED_MAX_RESUBMISSIONS", default_value_t = 3)]
+    pub k8s_preempted_max_resubmissions: u32,
     /// Job creations (API calls) in flight at once per worker: the load it puts on the apiserver.
     #[arg(long, env = "K8S_MAX_CONCURRENT_CREATES", default_value_t = 32)]
     pub k8s_max_concurrent_creates: usize,

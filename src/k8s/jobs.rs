@@ -11,7 +11,7 @@ use kube::api::{
 use serde_json::json;
 
 use super::{
-    spec::{ANN_CANCELLED, ANN_REPLACED, ANN_REPORTED},
+    spec::{ANN_CANCELLED, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS},
     view::{job_meta, pod_owner, pod_view},
 };
 use crate::{
@@ -122,6 +122,45 @@ async fn wait_gone(ctx: &Context, name: &str, uid: &str) -> Result<()> {
             Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// Runs a preempted Job again: the same spec as a new Job of the same name (new pods, a fresh
+/// retrial budget), counted in its `resubmissions` annotation. The old one is marked
+/// replaced first, so its end is never reported.
+pub async fn resubmit(ctx: &Context, name: &str, uid: &str) -> Result<()> {
+    let Some(old) = ctx.jobs.get_opt(name).await.map_err(Error::kube("get"))? else { return Ok(()) };
+    if old.metadata.uid.as_deref() != Some(uid) {
+        return Ok(()); // already replaced
+    }
+    let mut annotations = old.metadata.annotations.clone().unwrap_or_default();
+    let count = job_meta(&old).resubmissions + 1;
+    annotations.insert(ANN_RESUBMISSIONS.into(), count.to_string());
+    annotations.remove(ANN_REPLACED);
+    annotations.remove(ANN_REPORTED);
+    let mut spec = old.spec.clone().unwrap_or_default();
+    // The job controller owns these; a new Job gets its own.
+    spec.selector = None;
+    spec.manual_selector = None;
+    spec.parallelism = Some(1);
+    if let Some(labels) = spec.template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.retain(|k, _| !k.ends_with("controller-uid") && !k.ends_with("job-name"));
+    }
+    let new = Job {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: old.metadata.namespace.clone(),
+            labels: old.metadata.labels.clone(),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    mark_and_delete(ctx, name, uid, ANN_REPLACED, "resubmitted after preemption").await?;
+    wait_gone(ctx, name, uid).await?;
+    ctx.jobs.create(&PostParams::default(), &new).await.map_err(Error::kube("create"))?;
+    tracing::info!(job_id = %job_meta(&new).job_id, job_name = name, resubmissions = count, "resubmitted after preemption");
+    Ok(())
 }
 
 /// Creates the tombstone that keeps a not-yet-seen request from starting, or returns the

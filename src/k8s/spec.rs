@@ -32,6 +32,8 @@ pub const ANN_FINGERPRINT: &str = "k8s-job-worker/fingerprint";
 pub const ANN_CANCELLED: &str = "k8s-job-worker/cancelled";
 /// Annotation set before an outdated or untrusted Job is deleted to be replaced.
 pub const ANN_REPLACED: &str = "k8s-job-worker/replaced";
+/// Annotation counting the resubmissions after preemption.
+pub const ANN_RESUBMISSIONS: &str = "k8s-job-worker/resubmissions";
 /// Annotation recording the terminal state whose event the broker confirmed.
 pub const ANN_REPORTED: &str = "k8s-job-worker/reported";
 

@@ -2,7 +2,9 @@
 
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 
-use super::spec::{ANN_ATTEMPT, ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED};
+use super::spec::{
+    ANN_ATTEMPT, ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS,
+};
 use crate::domain::{
     event::JobState,
     outcome::{JobView, PodView, Termination},
@@ -29,6 +31,8 @@ pub struct JobMeta {
     pub reported: Option<JobState>,
     /// Whether Kubernetes is deleting it.
     pub deleting: bool,
+    /// How often it was resubmitted after preemption.
+    pub resubmissions: u32,
 }
 
 fn rfc3339(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> String {
@@ -48,6 +52,7 @@ pub fn job_meta(job: &Job) -> JobMeta {
         replaced: ann.contains_key(ANN_REPLACED),
         reported: ann.get(ANN_REPORTED).and_then(|s| JobState::parse(s)),
         deleting: job.metadata.deletion_timestamp.is_some(),
+        resubmissions: ann.get(ANN_RESUBMISSIONS).and_then(|n| n.parse().ok()).unwrap_or(0),
     }
 }
 

@@ -198,7 +198,29 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
             job_name: &meta.name,
             fingerprint: &meta.fingerprint,
         };
-        let mut event = ctx.event(&subject, state, report.outcome.reason.clone());
+        let kube = &ctx.settings.kube;
+        let preempted = matches!(state, JobState::Preempted | JobState::NodeLost);
+        if let (true, true, Some(delay)) = (preempted, report.exists, kube.k8s_preempted_resubmit_delay_seconds) {
+            if meta.resubmissions < kube.k8s_preempted_max_resubmissions {
+                // Not the tool's fault: run it again later instead of reporting it.
+                let (ctx, name, uid) = (ctx.clone(), meta.name.clone(), meta.uid.clone());
+                tokio::spawn(async move {
+                    if ctx.shutdown.sleep_or_stop(Duration::from_secs(delay)).await {
+                        return; // the next reporter finds the stopped Job and resubmits it
+                    }
+                    if let Err(err) = jobs::resubmit(&ctx, &name, &uid).await {
+                        let error = err.to_string();
+                        ctx.metrics.observe(Observation::KubeError { verb: "create", job_name: &name, error: &error });
+                    }
+                });
+                continue;
+            }
+        }
+        let mut reason = report.outcome.reason.clone();
+        if meta.resubmissions > 0 {
+            reason.push_str(&format!(" (after {} resubmission(s))", meta.resubmissions));
+        }
+        let mut event = ctx.event(&subject, state, reason);
         event.exit_code = report.outcome.exit_code;
         event.pods = report.pods.clone();
         event.occurred_at = report.occurred_at.clone();
