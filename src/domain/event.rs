@@ -123,8 +123,11 @@ pub struct JobEvent {
     pub worker_id: String,
 }
 
-/// The event id: a hash of the Job name, the request fingerprint and the state.
+/// The event id: a hash of the Job name, the request fingerprint and the state. A cancel is
+/// about the job, whichever generation of its Job (or none yet) the cancel met: its id leaves
+/// the fingerprint out, so every `cancelled` for one job shares one id.
 pub fn event_id(job_name: &str, fingerprint: &str, state: JobState) -> String {
+    let fingerprint = if state == JobState::Cancelled { "" } else { fingerprint };
     short_hash(format!("{job_name}\n{fingerprint}\n{}", state.as_str()).as_bytes(), 32)
 }
 
@@ -151,6 +154,11 @@ mod tests {
         assert_ne!(a, event_id("galaxy-main-1", "fp", JobState::Failed));
         assert_ne!(a, event_id("galaxy-main-1", "fp2", JobState::Succeeded));
         assert_eq!(a.len(), 32);
+        assert_eq!(
+            event_id("galaxy-main-1", "fp", JobState::Cancelled),
+            event_id("galaxy-main-1", "", JobState::Cancelled),
+            "a cancel before or after the Job existed is the same event"
+        );
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct Args {
     /// Skip the broker restart (e.g. when the broker is not local).
     #[arg(long)]
     no_broker_restart: bool,
+    /// Repeated terminal events allowed (all must share one event id); default 1 % of the
+    /// requests, rounded up.
+    #[arg(long)]
+    allowed_duplicates: Option<usize>,
     /// Write the figures as JSON here.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -280,7 +284,8 @@ async fn main() -> anyhow::Result<()> {
     tally.cleanup().await;
     let _ = namespaces.delete(&run, &Default::default()).await;
     eprintln!("[chaos] worker logs: {}", log_dir.display());
-    if report.passed() {
+    let allowed = args.allowed_duplicates.unwrap_or(args.jobs.div_ceil(100));
+    if report.passed(allowed) {
         println!("chaos: PASS");
         Ok(())
     } else {
