@@ -87,6 +87,8 @@ pub enum Observation<'a> {
     KubeError {
         /// Verb.
         verb: &'a str,
+        /// Galaxy job id ("" when the call is not about one job).
+        job_id: &'a str,
         /// Job name.
         job_name: &'a str,
         /// Error text.
@@ -238,8 +240,8 @@ impl Metrics {
                 tracing::warn!(job_id = event.job_id, job_name = event.job_name, state = event.state.as_str(), error = %error, "publish failed; will retry");
                 self.publish_failures.get_or_create(&error.metric_label().into()).inc();
             }
-            Observation::KubeError { verb, job_name, error } => {
-                tracing::warn!(verb, job_name, error, "kubernetes API error");
+            Observation::KubeError { verb, job_id, job_name, error } => {
+                tracing::warn!(verb, job_id, job_name, error, "kubernetes API error");
                 self.kube_errors.get_or_create(&verb.into()).inc();
             }
             Observation::BrokerReconnected => {

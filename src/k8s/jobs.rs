@@ -60,7 +60,7 @@ pub async fn create_or_adopt(ctx: &Context, job: &Job, fingerprint: &str) -> Res
         } else {
             "it was already being deleted"
         };
-        tracing::info!(job_name = %name, why, "replacing existing Job");
+        tracing::info!(job_id = %meta.job_id, job_name = %name, why, "replacing existing Job");
         if !meta.deleting {
             mark_and_delete(ctx, &name, &meta.uid, ANN_REPLACED, why).await?;
         }

@@ -110,7 +110,7 @@ async fn relist(ctx: &Context, state: &mut TrackerState) -> Vec<Report> {
         Ok(lists) => lists,
         Err(err) => {
             let error = err.to_string();
-            ctx.metrics.observe(Observation::KubeError { verb: "list", job_name: "", error: &error });
+            ctx.metrics.observe(Observation::KubeError { verb: "list", job_id: "", job_name: "", error: &error });
             return Vec::new();
         }
     };
@@ -160,7 +160,12 @@ async fn refresh(ctx: &Context, report: &mut Report) {
         Ok(_) => {}
         Err(err) => {
             let error = err.to_string();
-            ctx.metrics.observe(Observation::KubeError { verb: "list", job_name: &report.meta.name, error: &error });
+            ctx.metrics.observe(Observation::KubeError {
+                verb: "list",
+                job_id: &report.meta.job_id,
+                job_name: &report.meta.name,
+                error: &error,
+            });
         }
     }
 }
@@ -180,7 +185,12 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         if state == JobState::Cancelled {
             if let Err(err) = jobs::delete(&ctx, &meta.name, Some(&meta.uid)).await {
                 let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError { verb: "delete", job_name: &meta.name, error: &error });
+                ctx.metrics.observe(Observation::KubeError {
+                    verb: "delete",
+                    job_id: &meta.job_id,
+                    job_name: &meta.name,
+                    error: &error,
+                });
             }
             continue;
         }
@@ -189,7 +199,12 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         if stop && report.exists {
             if let Err(err) = jobs::stop(&ctx, &meta.name).await {
                 let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError { verb: "patch", job_name: &meta.name, error: &error });
+                ctx.metrics.observe(Observation::KubeError {
+                    verb: "patch",
+                    job_id: &meta.job_id,
+                    job_name: &meta.name,
+                    error: &error,
+                });
             }
         }
         let subject = EventSubject {
@@ -203,14 +218,19 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         if let (true, true, Some(delay)) = (preempted, report.exists, kube.k8s_preempted_resubmit_delay_seconds) {
             if meta.resubmissions < kube.k8s_preempted_max_resubmissions {
                 // Not the tool's fault: run it again later instead of reporting it.
-                let (ctx, name, uid) = (ctx.clone(), meta.name.clone(), meta.uid.clone());
+                let (ctx, name, uid, job_id) = (ctx.clone(), meta.name.clone(), meta.uid.clone(), meta.job_id.clone());
                 tokio::spawn(async move {
                     if ctx.shutdown.sleep_or_stop(Duration::from_secs(delay)).await {
                         return; // the next reporter finds the stopped Job and resubmits it
                     }
                     if let Err(err) = jobs::resubmit(&ctx, &name, &uid).await {
                         let error = err.to_string();
-                        ctx.metrics.observe(Observation::KubeError { verb: "create", job_name: &name, error: &error });
+                        ctx.metrics.observe(Observation::KubeError {
+                            verb: "create",
+                            job_id: &job_id,
+                            job_name: &name,
+                            error: &error,
+                        });
                     }
                 });
                 continue;
@@ -242,7 +262,12 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
             };
             if let Err(err) = result {
                 let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError { verb: "delete", job_name: &meta.name, error: &error });
+                ctx.metrics.observe(Observation::KubeError {
+                    verb: "delete",
+                    job_id: &meta.job_id,
+                    job_name: &meta.name,
+                    error: &error,
+                });
             }
         }
     }
