@@ -34,20 +34,24 @@ enum Change {
     Pod(Box<watcher::Event<Pod>>),
 }
 
-fn job_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
+/// A label-selected watch on one kind, its errors logged (the watcher retries with backoff).
+fn changes<K>(
+    ctx: &Context,
+    api: kube::Api<K>,
+    wrap: fn(Box<watcher::Event<K>>) -> Change,
+) -> impl Stream<Item = Change> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
     let config = watcher::Config::default().labels(&spec::instance_selector(&ctx.settings.kube));
-    watcher(ctx.jobs.clone(), config)
+    let kind = K::kind(&()).to_string();
+    watcher(api, config)
         .default_backoff()
-        .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "job watch error")).ok() })
-        .map(|e| Change::Job(Box::new(e)))
-}
-
-fn pod_changes(ctx: &Context) -> impl Stream<Item = Change> + Send + 'static {
-    let config = watcher::Config::default().labels(&spec::instance_selector(&ctx.settings.kube));
-    watcher(ctx.pods.clone(), config)
-        .default_backoff()
-        .filter_map(|e| async move { e.map_err(|err| tracing::warn!(%err, "pod watch error")).ok() })
-        .map(|e| Change::Pod(Box::new(e)))
+        .filter_map(move |e| {
+            let kind = kind.clone();
+            async move { e.map_err(|err| tracing::warn!(%err, kind, "watch error")).ok() }
+        })
+        .map(move |e| wrap(Box::new(e)))
 }
 
 /// Runs until shutdown: watch, classify, publish.
@@ -65,7 +69,10 @@ pub async fn run(ctx: Arc<Context>) {
     // The Lease may have been won before we subscribed: start from the current role.
     let initial = state.set_reporting(*leadership.borrow_and_update());
     debug_assert!(initial.is_empty(), "nothing is synced yet");
-    let changes = futures::stream::select(job_changes(&ctx), pod_changes(&ctx));
+    let changes = futures::stream::select(
+        changes(&ctx, ctx.jobs.clone(), Change::Job),
+        changes(&ctx, ctx.pods.clone(), Change::Pod),
+    );
     futures::pin_mut!(changes);
     let period = Duration::from_secs(ctx.settings.worker.reconcile_seconds.max(1));
     let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

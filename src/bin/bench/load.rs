@@ -102,7 +102,11 @@ impl Env {
             futures::pin_mut!(stream);
             while let Ok(Some(job)) = stream.try_next().await {
                 let name = job.metadata.name.unwrap_or_default();
-                s.lock().unwrap().jobs.entry(name).or_insert_with(Instant::now);
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .jobs
+                    .entry(name)
+                    .or_insert_with(Instant::now);
             }
         });
         let s = seen.clone();
@@ -112,7 +116,7 @@ impl Env {
             while let Ok(Some(pod)) = stream.try_next().await {
                 let job = pod.metadata.labels.as_ref().and_then(|l| l.get("app").cloned()).unwrap_or_default();
                 let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
-                let mut seen = s.lock().unwrap();
+                let mut seen = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match phase.as_str() {
                     "Running" => {
                         seen.running.entry(job).or_insert_with(Instant::now);
@@ -195,7 +199,7 @@ impl Env {
         let deadline = Instant::now() + timeout;
         loop {
             {
-                let seen = self.seen.lock().unwrap();
+                let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if seen.jobs.len() >= n {
                     return Ok(seen.jobs.values().copied().max().unwrap_or_else(Instant::now));
                 }
@@ -203,7 +207,7 @@ impl Env {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "only {} of {n} Jobs after {timeout:?}",
-                self.seen.lock().unwrap().jobs.len()
+                self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).jobs.len()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -275,7 +279,7 @@ impl Env {
                 {
                     continue;
                 }
-                let seen = self.seen.lock().unwrap();
+                let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(created) = seen.jobs.get(&name) {
                     to_job.push(created.duration_since(sent));
                 }
@@ -298,7 +302,7 @@ impl Env {
             c.await?;
         }
         let deadline = Instant::now() + Duration::from_secs(1200);
-        while self.seen.lock().unwrap().running.len() < m {
+        while self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).running.len() < m {
             anyhow::ensure!(Instant::now() < deadline, "pods did not all start");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
