@@ -8,6 +8,8 @@ use std::sync::{
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{Api, Client};
 
+use crate::k8s::watched::{WatchedJob, WatchedPod};
+
 use crate::{
     amqp::broker::Broker,
     config::{placement::Placement, Settings},
@@ -23,8 +25,12 @@ pub struct Context {
     pub client: Client,
     /// Jobs in the configured namespace.
     pub jobs: Api<Job>,
-    /// Pods in the configured namespace.
+    /// Pods in the configured namespace (for their logs).
     pub pods: Api<Pod>,
+    /// Jobs decoded slim, for reading their state.
+    pub watched_jobs: Api<WatchedJob>,
+    /// Pods decoded slim, for reading their state.
+    pub watched_pods: Api<WatchedPod>,
     /// Broker connection.
     pub broker: Arc<Broker>,
     /// Settings.
@@ -66,6 +72,8 @@ impl Context {
         Context {
             jobs: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
+            watched_jobs: Api::namespaced(client.clone(), &ns),
+            watched_pods: Api::namespaced(client.clone(), &ns),
             client,
             broker,
             worker_id: settings.worker_id(),

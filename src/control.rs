@@ -56,26 +56,27 @@ async fn handle(ctx: &Context, body: &[u8]) -> Result<(), Error> {
 /// consumer that already saw it can drop it.
 async fn status(ctx: &Context, control: JobControl) -> Result<(), Error> {
     let name = spec::job_name_for(&ctx.settings.kube, &control.job_id, control.attempt);
-    let (state, fingerprint, reason, exit_code) = match ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))? {
-        None => (
-            JobState::Lost,
-            String::new(),
-            format!("no Kubernetes Job named {name} exists (finished and cleaned up, or never created)"),
-            None,
-        ),
-        Some(job) => {
-            let meta = view::job_meta(&job);
-            let uid = meta.uid.clone();
-            let pods = jobs::current_pods(ctx, &name, &uid).await?;
-            let outcome =
-                outcome::classify(&view::job_view(&job), &pods, jiff::Timestamp::now(), &ctx.settings.limits());
-            match (&meta.cancelled, meta.reported) {
-                (Some(why), _) => (JobState::Cancelled, meta.fingerprint, why.clone(), None),
-                (None, Some(reported)) => (reported, meta.fingerprint, outcome.reason, outcome.exit_code),
-                (None, None) => (outcome.state, meta.fingerprint, outcome.reason, outcome.exit_code),
+    let (state, fingerprint, reason, exit_code) =
+        match ctx.watched_jobs.get_opt(&name).await.map_err(Error::kube("get"))? {
+            None => (
+                JobState::Lost,
+                String::new(),
+                format!("no Kubernetes Job named {name} exists (finished and cleaned up, or never created)"),
+                None,
+            ),
+            Some(job) => {
+                let meta = view::job_meta(&job.metadata);
+                let uid = meta.uid.clone();
+                let pods = jobs::current_pods(ctx, &name, &uid).await?;
+                let outcome =
+                    outcome::classify(&view::job_view(&job), &pods, jiff::Timestamp::now(), &ctx.settings.limits());
+                match (&meta.cancelled, meta.reported) {
+                    (Some(why), _) => (JobState::Cancelled, meta.fingerprint, why.clone(), None),
+                    (None, Some(reported)) => (reported, meta.fingerprint, outcome.reason, outcome.exit_code),
+                    (None, None) => (outcome.state, meta.fingerprint, outcome.reason, outcome.exit_code),
+                }
             }
-        }
-    };
+        };
     let subject =
         EventSubject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: &fingerprint };
     let mut event = ctx.event(&subject, state, format!("status: {reason}"));
@@ -90,7 +91,7 @@ async fn status(ctx: &Context, control: JobControl) -> Result<(), Error> {
 async fn cancel(ctx: &Context, control: JobControl) -> Result<(), Error> {
     let reason = control.reason.clone().unwrap_or_else(|| "cancelled on request".into());
     let name = spec::job_name_for(&ctx.settings.kube, &control.job_id, control.attempt);
-    let existing = match ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))? {
+    let existing = match ctx.watched_jobs.get_opt(&name).await.map_err(Error::kube("get"))? {
         Some(job) => Some(job),
         None => {
             let tombstone = spec::cancel_tombstone(&ctx.settings.kube, &control.job_id, control.attempt, &reason);
@@ -99,7 +100,7 @@ async fn cancel(ctx: &Context, control: JobControl) -> Result<(), Error> {
     };
     let mut fingerprint = String::new();
     if let Some(job) = existing {
-        let meta = view::job_meta(&job);
+        let meta = view::job_meta(&job.metadata);
         let finished = outcome::classify(&view::job_view(&job), &[], jiff::Timestamp::now(), &ctx.settings.limits())
             .state
             .is_terminal()

@@ -96,7 +96,7 @@ pub enum Observation<'a> {
     },
     /// A new broker session was opened after the first.
     BrokerReconnected,
-    /// Number of tracked Jobs by state changed.
+    /// Number of tracked Jobs by state (refreshed every 2 s).
     Tracked {
         /// State label.
         state: &'static str,

@@ -13,6 +13,7 @@ use serde_json::json;
 use super::{
     spec::{ANN_CANCELLED, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS},
     view::{job_meta, pod_owner, pod_view},
+    watched::WatchedJob,
 };
 use crate::{
     context::Context,
@@ -42,10 +43,10 @@ pub async fn create_or_adopt(ctx: &Context, job: &Job, fingerprint: &str) -> Res
             }
             Err(err) => return Err(Error::Kube { verb: "create", source: err }),
         }
-        let Some(existing) = ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))? else {
+        let Some(existing) = ctx.watched_jobs.get_opt(&name).await.map_err(Error::kube("get"))? else {
             continue; // vanished between create and get: create again
         };
-        let meta = job_meta(&existing);
+        let meta = job_meta(&existing.metadata);
         if meta.cancelled.is_some() {
             return Ok(JobAction::AlreadyCancelled);
         }
@@ -133,7 +134,7 @@ pub async fn resubmit(ctx: &Context, name: &str, uid: &str) -> Result<()> {
         return Ok(()); // already replaced
     }
     let mut annotations = old.metadata.annotations.clone().unwrap_or_default();
-    let count = job_meta(&old).resubmissions + 1;
+    let count = job_meta(&old.metadata).resubmissions + 1;
     annotations.insert(ANN_RESUBMISSIONS.into(), count.to_string());
     annotations.remove(ANN_REPLACED);
     annotations.remove(ANN_REPORTED);
@@ -159,18 +160,18 @@ pub async fn resubmit(ctx: &Context, name: &str, uid: &str) -> Result<()> {
     mark_and_delete(ctx, name, uid, ANN_REPLACED, "resubmitted after preemption").await?;
     wait_gone(ctx, name, uid).await?;
     ctx.jobs.create(&PostParams::default(), &new).await.map_err(Error::kube("create"))?;
-    tracing::info!(job_id = %job_meta(&new).job_id, job_name = name, resubmissions = count, "resubmitted after preemption");
+    tracing::info!(job_id = %job_meta(&new.metadata).job_id, job_name = name, resubmissions = count, "resubmitted after preemption");
     Ok(())
 }
 
 /// Creates the tombstone that keeps a not-yet-seen request from starting, or returns the
 /// existing Job of that name when there is one.
-pub async fn create_tombstone(ctx: &Context, tombstone: &Job) -> Result<Option<Job>> {
+pub async fn create_tombstone(ctx: &Context, tombstone: &Job) -> Result<Option<WatchedJob>> {
     match ctx.jobs.create(&PostParams::default(), tombstone).await {
         Ok(_) => Ok(None),
         Err(e) if is_code(&e, 409) => {
             let name = tombstone.metadata.name.clone().unwrap_or_default();
-            ctx.jobs.get_opt(&name).await.map_err(Error::kube("get"))
+            ctx.watched_jobs.get_opt(&name).await.map_err(Error::kube("get"))
         }
         Err(e) => Err(Error::Kube { verb: "create", source: e }),
     }
@@ -210,7 +211,7 @@ pub async fn after_terminal(ctx: &Context, name: &str, uid: &str, state: JobStat
 /// failure must not be reported without its pods' reasons (an OOM kill among them).
 pub async fn current_pods(ctx: &Context, name: &str, uid: &str) -> Result<Vec<PodView>> {
     let params = ListParams::default().labels(&format!("app={name}"));
-    let pods = ctx.pods.list(&params).await.map_err(Error::kube("list"))?;
+    let pods = ctx.watched_pods.list(&params).await.map_err(Error::kube("list"))?;
     Ok(pods.items.iter().filter(|p| pod_owner(p).as_deref() == Some(uid)).map(pod_view).collect())
 }
 
@@ -228,9 +229,4 @@ pub async fn log_tail(ctx: &Context, pod: &str, max_bytes: usize) -> Option<Stri
             None
         }
     }
-}
-
-/// Whether a cancel annotation is present (for the control path).
-pub fn is_cancelled(job: &Job) -> bool {
-    job.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANN_CANCELLED))
 }

@@ -5,3 +5,4 @@ pub mod jobs;
 pub mod pod;
 pub mod spec;
 pub mod view;
+pub mod watched;

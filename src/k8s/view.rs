@@ -1,10 +1,11 @@
 //! Turns Kubernetes Job and Pod objects into the small domain views the tracker keeps.
 
-use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::spec::{
     ANN_ATTEMPT, ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS,
 };
+use super::watched::{WatchedJob, WatchedPod};
 use crate::domain::{
     event::JobState,
     outcome::{JobView, PodView, Termination},
@@ -39,25 +40,26 @@ fn rfc3339(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> String {
     t.0.to_string()
 }
 
-/// Extracts the tracker's view of a Job.
-pub fn job_meta(job: &Job) -> JobMeta {
-    let ann = job.metadata.annotations.clone().unwrap_or_default();
+/// Extracts the tracker's view of a Job from its metadata (of a full or a watched Job).
+pub fn job_meta(metadata: &ObjectMeta) -> JobMeta {
+    let empty = Default::default();
+    let ann = metadata.annotations.as_ref().unwrap_or(&empty);
     JobMeta {
-        name: job.metadata.name.clone().unwrap_or_default(),
-        uid: job.metadata.uid.clone().unwrap_or_default(),
+        name: metadata.name.clone().unwrap_or_default(),
+        uid: metadata.uid.clone().unwrap_or_default(),
         job_id: ann.get(ANN_JOB_ID).cloned().unwrap_or_default(),
         attempt: ann.get(ANN_ATTEMPT).and_then(|a| a.parse().ok()),
         fingerprint: ann.get(ANN_FINGERPRINT).cloned().unwrap_or_default(),
         cancelled: ann.get(ANN_CANCELLED).cloned(),
         replaced: ann.contains_key(ANN_REPLACED),
         reported: ann.get(ANN_REPORTED).and_then(|s| JobState::parse(s)),
-        deleting: job.metadata.deletion_timestamp.is_some(),
+        deleting: metadata.deletion_timestamp.is_some(),
         resubmissions: ann.get(ANN_RESUBMISSIONS).and_then(|n| n.parse().ok()).unwrap_or(0),
     }
 }
 
 /// Extracts the parts of a Job's status that decide its outcome.
-pub fn job_view(job: &Job) -> JobView {
+pub fn job_view(job: &WatchedJob) -> JobView {
     let status = job.status.as_ref();
     let condition = |kind: &str| {
         status
@@ -78,7 +80,7 @@ pub fn job_view(job: &Job) -> JobView {
 }
 
 /// The uid of the Job that owns a pod.
-pub fn pod_owner(pod: &Pod) -> Option<String> {
+pub fn pod_owner(pod: &WatchedPod) -> Option<String> {
     pod.metadata
         .owner_references
         .as_ref()?
@@ -88,7 +90,7 @@ pub fn pod_owner(pod: &Pod) -> Option<String> {
 }
 
 /// Extracts the parts of a pod that decide its Job's outcome.
-pub fn pod_view(pod: &Pod) -> PodView {
+pub fn pod_view(pod: &WatchedPod) -> PodView {
     let status = pod.status.as_ref();
     let terminations = status
         .and_then(|s| s.container_statuses.as_ref())
@@ -146,19 +148,19 @@ mod tests {
 
     #[test]
     fn views_from_objects() {
-        let job: Job = serde_json::from_value(json!({
+        let job: WatchedJob = serde_json::from_value(json!({
             "metadata": {"name": "galaxy-main-1", "uid": "u1",
                 "annotations": {ANN_JOB_ID: "1", ANN_FINGERPRINT: "fp", ANN_REPORTED: "succeeded"}},
             "spec": {"backoffLimit": 2, "template": {}},
             "status": {"conditions": [{"type": "Complete", "status": "True"}]}
         }))
         .unwrap();
-        let meta = job_meta(&job);
+        let meta = job_meta(&job.metadata);
         assert_eq!((meta.job_id.as_str(), meta.reported), ("1", Some(JobState::Succeeded)));
         let view = job_view(&job);
         assert!(view.complete && view.failed.is_none() && view.backoff_limit == 2);
 
-        let pod: Pod = serde_json::from_value(json!({
+        let pod: WatchedPod = serde_json::from_value(json!({
             "metadata": {"name": "p", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
                 "name": "galaxy-main-1", "uid": "u1", "controller": true}]},
             "status": {"phase": "Failed", "containerStatuses": [{"name": "c", "image": "i", "imageID": "",
@@ -169,5 +171,53 @@ mod tests {
         assert_eq!(pod_owner(&pod).as_deref(), Some("u1"));
         let view = pod_view(&pod);
         assert_eq!(view.terminations[0].reason.as_deref(), Some("OOMKilled"));
+    }
+
+    /// What the apiserver sends is a full object: the slim types must read the same values
+    /// from it as the full `k8s_openapi` types would, whatever else it carries.
+    #[test]
+    fn slim_types_read_full_objects() {
+        use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+        let managed = json!([{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}, "f:conditions": {".": {}}}}}]);
+        let full_job = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "galaxy-main-7", "uid": "u7", "resourceVersion": "42", "managedFields": managed,
+                "deletionTimestamp": "2026-01-01T00:00:09Z", "labels": {"app": "galaxy-main-7"},
+                "annotations": {ANN_JOB_ID: "7", ANN_FINGERPRINT: "fp", ANN_RESUBMISSIONS: "2"}},
+            "spec": {"backoffLimit": 3, "activeDeadlineSeconds": 60, "parallelism": 1,
+                "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}},
+            "status": {"active": 1, "startTime": "2026-01-01T00:00:01Z",
+                "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                    "message": "too long", "lastTransitionTime": "2026-01-01T00:01:01Z"}]}});
+        let (slim, full): (WatchedJob, Job) =
+            (serde_json::from_value(full_job.clone()).unwrap(), serde_json::from_value(full_job).unwrap());
+        assert_eq!(job_meta(&slim.metadata), job_meta(&full.metadata));
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("42"), "the watcher resumes from it");
+        let view = job_view(&slim);
+        assert_eq!(view.failed, Some(("DeadlineExceeded".into(), "too long".into())));
+        assert_eq!((view.backoff_limit, view.active_deadline_seconds), (3, Some(60)));
+        assert_eq!(view.finished_at.as_deref(), Some("2026-01-01T00:01:01Z"));
+
+        let full_pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "galaxy-main-7-x", "uid": "p7", "resourceVersion": "43", "managedFields": managed,
+                "creationTimestamp": "2026-01-01T00:00:02Z",
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "galaxy-main-7",
+                    "uid": "u7", "controller": true}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Pending", "startTime": "2026-01-01T00:00:03Z",
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": "0/1 nodes", "lastTransitionTime": "2026-01-01T00:00:04Z"}],
+                "containerStatuses": [{"name": "c", "image": "busybox:nope", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}},
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}});
+        let slim: WatchedPod = serde_json::from_value(full_pod.clone()).unwrap();
+        let full: Pod = serde_json::from_value(full_pod).unwrap();
+        assert_eq!(pod_owner(&slim).as_deref(), Some("u7"));
+        assert_eq!(full.metadata.owner_references, slim.metadata.owner_references);
+        let view = pod_view(&slim);
+        assert_eq!(view.pull_failure, Some(("ErrImagePull".into(), "not found".into(), "busybox:nope".into())));
+        assert_eq!(view.unschedulable.map(|(_, m)| m).as_deref(), Some("0/1 nodes"));
+        assert_eq!((view.phase.as_str(), view.created.as_str()), ("Pending", "2026-01-01T00:00:02Z"));
+        assert!(view.terminations.is_empty(), "a previous run's state is not this one's");
     }
 }

@@ -11,7 +11,6 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     api::ListParams,
     runtime::{watcher, WatchStreamExt},
@@ -22,7 +21,10 @@ use self::state::{Report, TrackerState};
 use crate::{
     context::{Context, EventSubject},
     domain::{event::JobState, outcome::classify},
-    k8s::{jobs, spec},
+    k8s::{
+        jobs, spec,
+        watched::{WatchedJob, WatchedPod},
+    },
     observe::Observation,
 };
 
@@ -30,8 +32,8 @@ use crate::{
 const SHARDS: usize = 8;
 
 enum Change {
-    Job(Box<watcher::Event<Job>>),
-    Pod(Box<watcher::Event<Pod>>),
+    Job(Box<watcher::Event<WatchedJob>>),
+    Pod(Box<watcher::Event<WatchedPod>>),
 }
 
 /// A label-selected watch on one kind, its errors logged (the watcher retries with backoff).
@@ -70,8 +72,8 @@ pub async fn run(ctx: Arc<Context>) {
     let initial = state.set_reporting(*leadership.borrow_and_update());
     debug_assert!(initial.is_empty(), "nothing is synced yet");
     let changes = futures::stream::select(
-        changes(&ctx, ctx.jobs.clone(), Change::Job),
-        changes(&ctx, ctx.pods.clone(), Change::Pod),
+        changes(&ctx, ctx.watched_jobs.clone(), Change::Job),
+        changes(&ctx, ctx.watched_pods.clone(), Change::Pod),
     );
     futures::pin_mut!(changes);
     let period = Duration::from_secs(ctx.settings.worker.reconcile_seconds.max(1));
@@ -90,7 +92,13 @@ pub async fn run(ctx: Arc<Context>) {
                 state.set_reporting(leader)
             }
             _ = reconcile.tick() => relist(&ctx, &mut state).await,
-            _ = timers.tick() => state.tick(),
+            _ = timers.tick() => {
+                // Counting walks every Job: on the timer, not on every watch event.
+                for (label, count) in state.counts() {
+                    ctx.metrics.observe(Observation::Tracked { state: label, count });
+                }
+                state.tick()
+            }
         };
         if state.synced() && !ctx.watch_synced.swap(true, Ordering::Relaxed) {
             tracing::info!("job and pod watches synced");
@@ -99,9 +107,6 @@ pub async fn run(ctx: Arc<Context>) {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             report.meta.name.hash(&mut hasher);
             let _ = senders[(hasher.finish() as usize) % SHARDS].send(report);
-        }
-        for (label, count) in state.counts() {
-            ctx.metrics.observe(Observation::Tracked { state: label, count });
         }
     }
     drop(senders);
@@ -113,7 +118,7 @@ pub async fn run(ctx: Arc<Context>) {
 /// see them in order.
 async fn relist(ctx: &Context, state: &mut TrackerState) -> Vec<Report> {
     let params = ListParams::default().labels(&spec::instance_selector(&ctx.settings.kube));
-    let (jobs, pods) = match tokio::try_join!(ctx.jobs.list(&params), ctx.pods.list(&params)) {
+    let (jobs, pods) = match tokio::try_join!(ctx.watched_jobs.list(&params), ctx.watched_pods.list(&params)) {
         Ok(lists) => lists,
         Err(err) => {
             let error = err.to_string();

@@ -3,14 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
-
 use crate::{
     domain::{
         event::JobState,
         outcome::{classify, has_timer, JobView, Limits, Outcome, PodView},
     },
-    k8s::view::{job_meta, job_view, pod_owner, pod_view, JobMeta},
+    k8s::{
+        view::{job_meta, job_view, pod_owner, pod_view, JobMeta},
+        watched::{WatchedJob, WatchedPod},
+    },
 };
 
 /// An event the worker must publish for a Job. A `cancelled` report is cleanup only: the
@@ -136,8 +137,8 @@ impl TrackerState {
     }
 
     /// A Job was added or changed.
-    pub fn apply_job(&mut self, job: &Job) -> Option<Report> {
-        let meta = job_meta(job);
+    pub fn apply_job(&mut self, job: &WatchedJob) -> Option<Report> {
+        let meta = job_meta(&job.metadata);
         if let Some(seen) = self.relisting_jobs.as_mut() {
             seen.insert(meta.uid.clone());
         }
@@ -155,12 +156,12 @@ impl TrackerState {
     }
 
     /// A Job was deleted (its last state is given).
-    pub fn delete_job(&mut self, job: &Job) -> Option<Report> {
+    pub fn delete_job(&mut self, job: &WatchedJob) -> Option<Report> {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let report = match self.jobs.get_mut(&uid) {
             Some(tracked) => {
                 // The last state decides (annotations say whether a cancel or replace did it).
-                tracked.meta = job_meta(job);
+                tracked.meta = job_meta(&job.metadata);
                 tracked.view = job_view(job);
                 self.gone(&uid)
             }
@@ -206,7 +207,7 @@ impl TrackerState {
     }
 
     /// A pod was added or changed.
-    pub fn apply_pod(&mut self, pod: &Pod) -> Option<Report> {
+    pub fn apply_pod(&mut self, pod: &WatchedPod) -> Option<Report> {
         let owner = pod_owner(pod)?;
         let view = pod_view(pod);
         if let Some(seen) = self.relisting_pods.as_mut() {
@@ -226,7 +227,7 @@ impl TrackerState {
     }
 
     /// A pod was deleted: forget it (its Job's outcome was already decided, or will be by the Job).
-    pub fn delete_pod(&mut self, pod: &Pod) {
+    pub fn delete_pod(&mut self, pod: &WatchedPod) {
         if let (Some(owner), Some(name)) = (pod_owner(pod), pod.metadata.name.as_ref()) {
             if let Some(pods) = self.pods.get_mut(&owner) {
                 // Keep the view while its Job lives: an OOM kill must not be forgotten.

@@ -6,7 +6,7 @@ use super::*;
 use crate::domain::outcome::Limits;
 use crate::k8s::spec::{ANN_CANCELLED, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REPLACED, ANN_REPORTED};
 
-fn job(uid: &str, annotations: serde_json::Value, status: serde_json::Value) -> Job {
+fn job(uid: &str, annotations: serde_json::Value, status: serde_json::Value) -> WatchedJob {
     let mut ann = json!({ANN_JOB_ID: "1", ANN_FINGERPRINT: "fp"});
     ann.as_object_mut().unwrap().extend(annotations.as_object().unwrap().clone());
     serde_json::from_value(json!({
@@ -17,7 +17,7 @@ fn job(uid: &str, annotations: serde_json::Value, status: serde_json::Value) -> 
     .unwrap()
 }
 
-fn pod(name: &str, owner: &str, phase: &str, terminated: Option<(i32, &str)>) -> Pod {
+fn pod(name: &str, owner: &str, phase: &str, terminated: Option<(i32, &str)>) -> WatchedPod {
     let statuses = match terminated {
         Some((code, reason)) => json!([{"name": "c", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": "2026-01-01T00:00:05Z"}}}]),
@@ -157,7 +157,7 @@ fn jobs_that_vanished_during_a_watch_outage_are_lost() {
 #[test]
 fn tombstones_are_never_reported() {
     let mut s = synced();
-    let tombstone: Job = serde_json::from_value(json!({"metadata": {"name": "galaxy-main-3", "uid": "t",
+    let tombstone: WatchedJob = serde_json::from_value(json!({"metadata": {"name": "galaxy-main-3", "uid": "t",
         "annotations": {ANN_JOB_ID: "3", ANN_CANCELLED: "user"}}, "spec": {"parallelism": 0, "template": {}},
         "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}}))
     .unwrap();

@@ -309,6 +309,31 @@ impl Env {
         Ok(())
     }
 
+    /// CPU time to decode one of this namespace's pods, as the apiserver sends it, into the full
+    /// `k8s_openapi` Pod and into the tracker's slim type, in microseconds.
+    pub async fn decode_cost(&self) -> anyhow::Result<serde_json::Value> {
+        use k8s_job_worker::k8s::watched::WatchedPod;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let Some(name) = pods.list_metadata(&Default::default()).await?.items.pop().and_then(|p| p.metadata.name)
+        else {
+            return Ok(json!(null));
+        };
+        let request =
+            kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", self.ns)).get(&name, &Default::default())?;
+        let body = self.client.request_text(request).await?.into_bytes();
+        const ROUNDS: u32 = 20_000;
+        fn time<T: serde::de::DeserializeOwned>(body: &[u8]) -> f64 {
+            let started = Instant::now();
+            for _ in 0..ROUNDS {
+                std::hint::black_box(serde_json::from_slice::<T>(body).ok());
+            }
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(ROUNDS)
+        }
+        let (full, slim) = (time::<Pod>(&body), time::<WatchedPod>(&body));
+        let r = |x: f64| (x * 10.0).round() / 10.0;
+        Ok(json!({"pod_json_bytes": body.len(), "full_pod_us": r(full), "slim_pod_us": r(slim)}))
+    }
+
     /// The worker's resident memory in KiB.
     pub fn worker_rss_kib(&self) -> u64 {
         let Some(child) = &self.worker else { return 0 };
@@ -389,21 +414,37 @@ pub fn env_pid(dir: &std::path::Path, name: &str) -> Option<u32> {
     std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
 }
 
+/// Waits (at most a minute) until the control plane and the broker have finished the previous
+/// phase's work: less than 8 % of a core each second, twice in a row. A measurement started
+/// while the garbage collector or etcd still digest the last namespace would be charged for it.
+pub async fn quiesce(dir: &std::path::Path) {
+    let mut calm = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while calm < 2 && Instant::now() < deadline {
+        let before = CpuSample::take(dir, &[]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let used = before.since(dir, &[])["total"].as_f64().unwrap_or(0.0);
+        calm = if used < 0.08 { calm + 1 } else { 0 };
+    }
+}
+
+/// The broker's Erlang VM, when it runs on this machine.
+pub fn broker_pid() -> Option<u32> {
+    let out = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// The environment's control-plane processes (their pid files are in the environment's directory).
+pub const CONTROL_PLANE: [&str; 4] = ["kube-apiserver", "etcd", "kube-controller-manager", "sim-node"];
+
 /// CPU seconds of every process of the environment (and some of ours) at one moment.
 pub struct CpuSample(Vec<(String, f64)>);
 
 impl CpuSample {
     fn read(dir: &std::path::Path, ours: &[(&str, u32)]) -> Vec<(String, f64)> {
-        let mut procs: Vec<(String, u32)> = ["kube-apiserver", "etcd", "kube-controller-manager", "sim-node"]
-            .iter()
-            .filter_map(|n| Some((n.to_string(), env_pid(dir, n)?)))
-            .collect();
-        // The broker's Erlang VM, when it runs on this machine.
-        if let Ok(out) = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output() {
-            if let Ok(pid) = String::from_utf8_lossy(&out.stdout).trim().parse() {
-                procs.push(("rabbitmq".into(), pid));
-            }
-        }
+        let mut procs: Vec<(String, u32)> =
+            CONTROL_PLANE.iter().filter_map(|n| Some((n.to_string(), env_pid(dir, n)?))).collect();
+        procs.extend(broker_pid().map(|pid| ("rabbitmq".to_string(), pid)));
         procs.extend(ours.iter().map(|(n, p)| (n.to_string(), *p)));
         procs.into_iter().map(|(n, p)| (n, cpu_seconds(p))).collect()
     }
@@ -417,10 +458,13 @@ impl CpuSample {
     pub fn since(&self, dir: &std::path::Path, ours: &[(&str, u32)]) -> serde_json::Value {
         let now = Self::read(dir, ours);
         let mut out = serde_json::Map::new();
+        let mut total = 0.0;
         for (name, after) in now {
             let before = self.0.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, v)| *v);
+            total += after - before;
             out.insert(name, json!(((after - before) * 100.0).round() / 100.0));
         }
+        out.insert("total".into(), json!((total * 100.0).round() / 100.0));
         serde_json::Value::Object(out)
     }
 }

@@ -1,0 +1,227 @@
+//! Slim Job and Pod types for the watches and lists the tracker reads.
+//!
+//! Decoding a full `k8s_openapi` Pod builds every spec field and the `managedFields` JSON
+//! tree, then throws them away; these types keep only what [`super::view`] reads (serde skips
+//! the rest without allocating). The JSON is the same, so a full object decodes into them too.
+
+use std::{borrow::Cow, collections::BTreeMap};
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    NamespaceResourceScope,
+};
+use serde::{Deserialize, Deserializer};
+
+/// A Job as the tracker sees it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WatchedJob {
+    /// Identity, annotations and deletion mark.
+    #[serde(default, deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    /// The limits that shape its outcome.
+    #[serde(default)]
+    pub spec: Option<WatchedJobSpec>,
+    /// Its conditions.
+    #[serde(default)]
+    pub status: Option<WatchedJobStatus>,
+}
+
+/// The parts of a Job's spec the outcome depends on.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedJobSpec {
+    /// Pod retrials.
+    #[serde(default)]
+    pub backoff_limit: Option<i32>,
+    /// Walltime enforced by Kubernetes.
+    #[serde(default)]
+    pub active_deadline_seconds: Option<i64>,
+}
+
+/// The parts of a Job's status the outcome depends on.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedJobStatus {
+    /// Complete / Failed conditions.
+    #[serde(default)]
+    pub conditions: Option<Vec<Condition>>,
+    /// When it completed.
+    #[serde(default)]
+    pub completion_time: Option<Time>,
+}
+
+/// A Job or pod condition.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type.
+    #[serde(rename = "type", default)]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    #[serde(default)]
+    pub status: String,
+    /// Machine-readable reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// When it last changed.
+    #[serde(default)]
+    pub last_transition_time: Option<Time>,
+}
+
+/// A pod as the tracker sees it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WatchedPod {
+    /// Name, owner and timestamps.
+    #[serde(default, deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    /// Its status (the spec decides nothing the Job's annotations do not already say).
+    #[serde(default)]
+    pub status: Option<WatchedPodStatus>,
+}
+
+/// The parts of a pod's status the outcome depends on.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedPodStatus {
+    /// Pending, Running, Succeeded, Failed, Unknown.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Why the pod is in this phase (Evicted, NodeLost...).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Details.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// When a node accepted it.
+    #[serde(default)]
+    pub start_time: Option<Time>,
+    /// PodScheduled, DisruptionTarget...
+    #[serde(default)]
+    pub conditions: Option<Vec<Condition>>,
+    /// One per container.
+    #[serde(default)]
+    pub container_statuses: Option<Vec<WatchedContainerStatus>>,
+}
+
+/// One container's state.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WatchedContainerStatus {
+    /// The image it runs (named in pull failures).
+    #[serde(default)]
+    pub image: String,
+    /// Waiting or terminated details.
+    #[serde(default)]
+    pub state: Option<WatchedContainerState>,
+}
+
+/// Waiting or terminated (running carries nothing the tracker needs).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WatchedContainerState {
+    /// Why it waits.
+    #[serde(default)]
+    pub waiting: Option<Waiting>,
+    /// How it ended.
+    #[serde(default)]
+    pub terminated: Option<Terminated>,
+}
+
+/// A waiting container.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Waiting {
+    /// ErrImagePull, ImagePullBackOff...
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Details.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// A terminated container.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Terminated {
+    /// Exit code.
+    #[serde(default)]
+    pub exit_code: i32,
+    /// OOMKilled, Error, Completed...
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Details.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// When it ended.
+    #[serde(default)]
+    pub finished_at: Option<Time>,
+}
+
+/// The metadata fields anything here reads; `managedFields` above all is skipped.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    /// The watcher resumes from it.
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    owner_references: Option<Vec<OwnerReference>>,
+    #[serde(default)]
+    creation_timestamp: Option<Time>,
+    #[serde(default)]
+    deletion_timestamp: Option<Time>,
+}
+
+fn slim_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = SlimMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        annotations: m.annotations,
+        owner_references: m.owner_references,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
+/// Makes a slim type usable with `kube::Api` under the full type's API coordinates.
+macro_rules! resource_as {
+    ($slim:ty, $full:ty) => {
+        impl kube::Resource for $slim {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::kind(&())
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::group(&())
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::version(&())
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::plural(&())
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+resource_as!(WatchedJob, k8s_openapi::api::batch::v1::Job);
+resource_as!(WatchedPod, k8s_openapi::api::core::v1::Pod);
