@@ -79,6 +79,16 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt().with_env_filter("warn").init();
     let args = Args::parse();
+    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it the CPU pinning of
+    // the control plane and the broker: the machine is left as it was found.
+    tokio::select! {
+        result = run(args) => result,
+        _ = k8s_job_worker::shutdown::signal() => anyhow::bail!("interrupted"),
+    }
+}
+
+/// All the measurements, in order.
+async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("KUBECONFIG")?;
     let mut figures: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
     figures.insert("machine", json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
