@@ -18,8 +18,12 @@ pub fn router(ctx: Arc<Context>) -> Router {
 async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     let broker = ctx.broker.is_connected();
     let watch = ctx.watch_synced.load(std::sync::atomic::Ordering::Relaxed);
-    let body =
-        format!("broker_connected={broker}\nwatch_synced={watch}\nshutting_down={}\n", ctx.shutdown.is_triggered());
+    // The replica's id says which one answered (behind a Service, or on a reused port).
+    let body = format!(
+        "worker_id={}\nbroker_connected={broker}\nwatch_synced={watch}\nshutting_down={}\n",
+        ctx.worker_id,
+        ctx.shutdown.is_triggered()
+    );
     let code = if ctx.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, body)
 }

@@ -223,7 +223,14 @@ impl Harness {
             .args(&self.extra_args)
             .envs(self.extra_env.iter().cloned())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{}/{worker_id}.worker.log", log_dir())).unwrap());
+            // Appended: a start retried on another port keeps the failed attempt's log.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(format!("{}/{worker_id}.worker.log", log_dir()))
+                    .unwrap(),
+            );
         if let Some(instance) = &self.instance_id {
             cmd.env("K8S_GALAXY_INSTANCE_ID", instance);
         }
@@ -232,19 +239,31 @@ impl Harness {
 
     /// Starts the worker binary and waits until `/readyz` says ready.
     pub async fn start_worker(&mut self) {
-        let port = free_port();
+        let (child, port) = self.spawn_ready(&format!("{}-worker", self.id)).await;
         self.http_port = port;
-        let worker_id = format!("{}-worker", self.id);
-        self.worker = Some(self.worker_command(&worker_id, port).spawn().expect("start worker"));
-        wait_ready(port).await;
+        self.worker = Some(child);
     }
 
     /// Starts another replica on the same queues and namespace.
     pub async fn second_replica(&self, name: &str) -> Replica {
-        let port = free_port();
-        let child = self.worker_command(&format!("{}-{name}", self.id), port).spawn().expect("start replica");
-        wait_ready(port).await;
+        let (child, port) = self.spawn_ready(&format!("{}-{name}", self.id)).await;
         Replica { child: Some(child), port }
+    }
+
+    /// Spawns a worker on a free port and waits until that worker is ready. Tests run in
+    /// parallel: a port can be taken between choosing and binding it, so a worker that exits
+    /// is started again on another port, and readiness counts only with this worker's id.
+    async fn spawn_ready(&self, worker_id: &str) -> (Child, u16) {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = self.worker_command(worker_id, port).spawn().expect("start worker");
+            if wait_ready(port, worker_id, &mut child).await {
+                return (child, port);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("worker {worker_id} exited at start five times (see its log in {})", log_dir());
     }
 
     /// Sends SIGTERM and returns how long the worker took to exit, and its exit status.
@@ -416,13 +435,21 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn wait_ready(port: u16) {
+/// Whether `child` became ready on `port` (false as soon as it exits); panics after 30 s.
+async fn wait_ready(port: u16, worker_id: &str, child: &mut Child) -> bool {
     let url = format!("http://127.0.0.1:{port}/readyz");
-    wait_for("worker ready", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { http_get(&url).await.is_some_and(|(code, _)| code == 200) }
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        let ours = format!("worker_id={worker_id}\n");
+        if http_get(&url).await.is_some_and(|(code, body)| code == 200 && body.contains(&ours)) {
+            return true;
+        }
+        assert!(Instant::now() < deadline, "timed out after 30 s waiting for worker {worker_id} to be ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 impl Drop for Harness {
