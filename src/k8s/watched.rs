@@ -2,7 +2,7 @@
 //!
 //! Decoding a full `k8s_openapi` Pod builds every spec field and the `managedFields` JSON
 //! tree, then throws them away; these types keep only what [`super::view`] reads (serde skips
-//! the rest without allocating). The JSON is the same, so a full object decodes into them too.
+//! the rest without allocating). The JSON is the same, so a full object decodes into them too; every field is optional (missing ⇒ default).
 
 use std::{borrow::Cow, collections::BTreeMap};
 
@@ -14,169 +14,139 @@ use serde::{Deserialize, Deserializer};
 
 /// A Job as the tracker sees it.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct WatchedJob {
     /// Identity, annotations and deletion mark.
-    #[serde(default, deserialize_with = "slim_metadata")]
+    #[serde(deserialize_with = "slim_metadata")]
     pub metadata: ObjectMeta,
     /// The limits that shape its outcome.
-    #[serde(default)]
     pub spec: Option<WatchedJobSpec>,
     /// Its conditions.
-    #[serde(default)]
     pub status: Option<WatchedJobStatus>,
 }
 
 /// The parts of a Job's spec the outcome depends on.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct WatchedJobSpec {
     /// Pod retrials.
-    #[serde(default)]
     pub backoff_limit: Option<i32>,
     /// Walltime enforced by Kubernetes.
-    #[serde(default)]
     pub active_deadline_seconds: Option<i64>,
 }
 
 /// The parts of a Job's status the outcome depends on.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct WatchedJobStatus {
     /// Complete / Failed conditions.
-    #[serde(default)]
     pub conditions: Option<Vec<Condition>>,
     /// When it completed.
-    #[serde(default)]
     pub completion_time: Option<Time>,
 }
 
 /// A Job or pod condition.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Condition {
     /// Condition type.
-    #[serde(rename = "type", default)]
+    #[serde(rename = "type")]
     pub type_: String,
     /// "True", "False" or "Unknown".
-    #[serde(default)]
     pub status: String,
     /// Machine-readable reason.
-    #[serde(default)]
     pub reason: Option<String>,
     /// Human-readable message.
-    #[serde(default)]
     pub message: Option<String>,
     /// When it last changed.
-    #[serde(default)]
     pub last_transition_time: Option<Time>,
 }
 
 /// A pod as the tracker sees it.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct WatchedPod {
     /// Name, owner and timestamps.
-    #[serde(default, deserialize_with = "slim_metadata")]
+    #[serde(deserialize_with = "slim_metadata")]
     pub metadata: ObjectMeta,
     /// Its status (the spec decides nothing the Job's annotations do not already say).
-    #[serde(default)]
     pub status: Option<WatchedPodStatus>,
 }
 
 /// The parts of a pod's status the outcome depends on.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct WatchedPodStatus {
     /// Pending, Running, Succeeded, Failed, Unknown.
-    #[serde(default)]
     pub phase: Option<String>,
     /// Why the pod is in this phase (Evicted, NodeLost...).
-    #[serde(default)]
     pub reason: Option<String>,
     /// Details.
-    #[serde(default)]
     pub message: Option<String>,
     /// When a node accepted it.
-    #[serde(default)]
     pub start_time: Option<Time>,
     /// PodScheduled, DisruptionTarget...
-    #[serde(default)]
     pub conditions: Option<Vec<Condition>>,
     /// One per container.
-    #[serde(default)]
     pub container_statuses: Option<Vec<WatchedContainerStatus>>,
 }
 
 /// One container's state.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct WatchedContainerStatus {
     /// The image it runs (named in pull failures).
-    #[serde(default)]
     pub image: String,
     /// Waiting or terminated details.
-    #[serde(default)]
     pub state: Option<WatchedContainerState>,
 }
 
 /// Waiting or terminated (running carries nothing the tracker needs).
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct WatchedContainerState {
     /// Why it waits.
-    #[serde(default)]
     pub waiting: Option<Waiting>,
     /// How it ended.
-    #[serde(default)]
     pub terminated: Option<Terminated>,
 }
 
 /// A waiting container.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct Waiting {
     /// ErrImagePull, ImagePullBackOff...
-    #[serde(default)]
     pub reason: Option<String>,
     /// Details.
-    #[serde(default)]
     pub message: Option<String>,
 }
 
 /// A terminated container.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Terminated {
     /// Exit code.
-    #[serde(default)]
     pub exit_code: i32,
     /// OOMKilled, Error, Completed...
-    #[serde(default)]
     pub reason: Option<String>,
     /// Details.
-    #[serde(default)]
     pub message: Option<String>,
     /// When it ended.
-    #[serde(default)]
     pub finished_at: Option<Time>,
 }
 
 /// The metadata fields anything here reads; `managedFields` above all is skipped.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
 struct SlimMeta {
-    #[serde(default)]
     name: Option<String>,
-    #[serde(default)]
     namespace: Option<String>,
-    #[serde(default)]
     uid: Option<String>,
     /// The watcher resumes from it.
-    #[serde(default)]
     resource_version: Option<String>,
-    #[serde(default)]
     annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     owner_references: Option<Vec<OwnerReference>>,
-    #[serde(default)]
     creation_timestamp: Option<Time>,
-    #[serde(default)]
     deletion_timestamp: Option<Time>,
 }
 

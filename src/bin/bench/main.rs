@@ -3,6 +3,8 @@
 //! and writes the same figures as JSON. Run through `scripts/bench`.
 
 mod apiserver;
+mod cpu;
+mod creation;
 mod load;
 mod pin;
 
@@ -95,10 +97,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 1. Creation throughput: the worker vs a plain client, same concurrency.
     if args.cores != Cores::Split {
-        figures.insert("1_creation_shared_cores", creation(&client, &args, false).await?);
+        figures.insert("1_creation_shared_cores", creation::creation(&client, &args, false).await?);
     }
     if args.cores != Cores::Shared && figures["machine"]["cpus"].as_u64().unwrap_or(0) >= 2 {
-        figures.insert("1_creation_split_cores", creation(&client, &args, true).await?);
+        figures.insert("1_creation_split_cores", creation::creation(&client, &args, true).await?);
     }
 
     // 2. Latency at low load.
@@ -158,119 +160,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creation throughput: `--repeat` pairs of runs, a plain client then the worker, each
-/// creating `--burst` Jobs with the same concurrency. With `split`, the control plane runs on
-/// core 0 and everything on the client side (this process, the worker, the broker) on core 1,
-/// in both runs alike: the apiserver gets the same CPU whoever calls it.
-async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow::Result<serde_json::Value> {
-    let mut pinned = pin::Pinned::default();
-    if split {
-        for name in load::CONTROL_PLANE {
-            if let Some(pid) = load::env_pid(&args.testenv_dir, name) {
-                pinned.pin(pid, 0).with_context(|| format!("pinning {name}"))?;
-            }
-        }
-        pinned.pin(std::process::id(), 1).context("pinning the benchmark")?;
-    }
-    // A broker owned by another user may refuse; the figures say whether it was pinned.
-    let broker_pinned = split && load::broker_pid().is_some_and(|pid| pinned.pin(pid, 1).is_ok());
-    let cores = if split { "split" } else { "shared" };
-    let (mut runs, mut ratios, mut seconds) = (Vec::new(), Vec::new(), (0.0, 0.0));
-    let (mut raw_cpu, mut worker_cpu) = (BTreeMap::new(), BTreeMap::new());
-    for run in 1..=args.repeat.max(1) {
-        let (raw, worker, cpu, pipeline) = creation_pair(client, args, &mut pinned, split, run % 2 == 1).await?;
-        let (raw_rate, worker_rate) = (args.burst as f64 / raw, args.burst as f64 / worker);
-        eprintln!("[bench] creation ({cores} cores, run {run}): raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
-        ratios.push(worker_rate / raw_rate);
-        seconds = (seconds.0 + raw, seconds.1 + worker);
-        runs.push(json!({"raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
-                         "ratio": round(worker_rate / raw_rate), "worker_pipeline": pipeline}));
-        add_cpu(&mut raw_cpu, &cpu.0);
-        add_cpu(&mut worker_cpu, &cpu.1);
-    }
-    // CPU milliseconds per Job, by process, over all runs.
-    let per_job = |sum: BTreeMap<String, f64>| -> BTreeMap<String, f64> {
-        let jobs = (args.burst * args.repeat.max(1)) as f64;
-        sum.into_iter().map(|(name, s)| (name, round(s * 1000.0 / jobs))).collect()
-    };
-    let (raw_cpu, worker_cpu) = (per_job(raw_cpu), per_job(worker_cpu));
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    Ok(json!({"jobs": args.burst, "concurrency": args.concurrency, "cores": cores, "broker_pinned": broker_pinned,
-              "ratio_worker_to_raw_median": round(median),
-              // All runs' Jobs over all runs' time, raw against worker.
-              "ratio_pooled": round(seconds.0 / seconds.1),
-              "ratio_min": round(ratios[0]), "ratio_max": round(ratios[ratios.len() - 1]), "runs": runs,
-              "cpu_ms_per_job_raw_run": raw_cpu, "cpu_ms_per_job_worker_run": worker_cpu}))
-}
-
-/// Adds one run's CPU seconds by process to a running sum.
-fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &serde_json::Value) {
-    for (name, seconds) in cpu.as_object().into_iter().flatten() {
-        *sum.entry(name.clone()).or_default() += seconds.as_f64().unwrap_or(0.0);
-    }
-}
-
-/// One raw run and one worker run: their durations in seconds and CPU seconds by process.
-async fn creation_pair(
-    client: &kube::Client,
-    args: &Args,
-    pinned: &mut pin::Pinned,
-    split: bool,
-    raw_first: bool,
-) -> anyhow::Result<(f64, f64, (serde_json::Value, serde_json::Value), serde_json::Value)> {
-    let raw = async {
-        let me = std::process::id();
-        let mut env = load::Env::new(client, args, "bench-raw").await?;
-        load::quiesce(&args.testenv_dir).await;
-        let before = load::CpuSample::take(&args.testenv_dir, &[("client", me)]);
-        let raw = env.raw_creates(args.burst, args.concurrency).await?;
-        let raw_cpu = before.since(&args.testenv_dir, &[("client", me)]);
-        env.finish().await;
-        anyhow::Ok((raw.as_secs_f64(), raw_cpu))
-    };
-    // Alternate which run goes first, so a drift over the pairs weighs on both alike.
-    let (raw, worker, cpu, pipeline) = if raw_first {
-        let raw = raw.await?;
-        let worker = worker_run(client, args, pinned, split).await?;
-        (raw.0, worker.0, (raw.1, worker.1), worker.2)
-    } else {
-        let worker = worker_run(client, args, pinned, split).await?;
-        let raw = raw.await?;
-        (raw.0, worker.0, (raw.1, worker.1), worker.2)
-    };
-    Ok((raw, worker, cpu, pipeline))
-}
-
-/// The worker run: its duration in seconds, CPU seconds by process, and its pipeline means.
-async fn worker_run(
-    client: &kube::Client,
-    args: &Args,
-    pinned: &mut pin::Pinned,
-    split: bool,
-) -> anyhow::Result<(f64, serde_json::Value, serde_json::Value)> {
-    let me = std::process::id();
-    let mut env = load::Env::new(client, args, "bench-burst").await?;
-    env.start_worker(args).await?;
-    let worker_pid = env.worker_pid().unwrap_or(0);
-    if split {
-        pinned.pin(worker_pid, 1).context("pinning the worker")?;
-    }
-    let procs = [("client", me), ("worker", worker_pid)];
-    load::quiesce(&args.testenv_dir).await;
-    let before = load::CpuSample::take(&args.testenv_dir, &procs);
-    let worker = env.burst(args.burst).await?;
-    let worker_cpu = before.since(&args.testenv_dir, &procs);
-    // Where a request's time goes inside the worker (means from its own histograms).
-    let pipeline = json!({
-        "mean_delivery_to_job_ms": env.worker_metric_mean_ms("k8s_job_worker_request_to_job_seconds").await.map(round),
-        "mean_publish_confirm_ms": env.worker_metric_mean_ms("k8s_job_worker_publish_confirm_seconds").await.map(round),
-    });
-    env.finish().await;
-    Ok((worker.as_secs_f64(), worker_cpu, pipeline))
-}
-
-fn round(x: f64) -> f64 {
+/// Rounds to two decimals for the report.
+pub fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
