@@ -31,6 +31,10 @@ use crate::{
 /// Number of publishing executors.
 const SHARDS: usize = 8;
 
+/// How long a cancelled (stopped) Job stays before the reporter deletes it: longer than a
+/// watch's re-list after an apiserver restart (~8 s here), so every replica sees the cancel.
+const CANCELLED_JOB_GRACE: Duration = Duration::from_secs(15);
+
 enum Change {
     Job(Box<watcher::Event<WatchedJob>>),
     Pod(Box<watcher::Event<WatchedPod>>),
@@ -195,15 +199,25 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         let meta = &report.meta;
         let state = report.outcome.state;
         if state == JobState::Cancelled {
-            if let Err(err) = jobs::delete(&ctx, &meta.name, Some(&meta.uid)).await {
-                let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError {
-                    verb: "delete",
-                    job_id: &meta.job_id,
-                    job_name: &meta.name,
-                    error: &error,
-                });
-            }
+            // The Job is already stopped. Deleting it at once could let a replica whose watch
+            // is re-listing (after an apiserver restart) miss the cancel mark and, on taking
+            // over, report `lost`: the stopped Job stays visible a while first. A reporter that
+            // stops meanwhile leaves it to the next one, which re-evaluates every Job.
+            let (ctx, name, uid, job_id) = (ctx.clone(), meta.name.clone(), meta.uid.clone(), meta.job_id.clone());
+            tokio::spawn(async move {
+                if ctx.shutdown.sleep_or_stop(CANCELLED_JOB_GRACE).await {
+                    return;
+                }
+                if let Err(err) = jobs::delete(&ctx, &name, Some(&uid)).await {
+                    let error = err.to_string();
+                    ctx.metrics.observe(Observation::KubeError {
+                        verb: "delete",
+                        job_id: &job_id,
+                        job_name: &name,
+                        error: &error,
+                    });
+                }
+            });
             continue;
         }
         // These states end a Job that would otherwise go on: stop it making pods.
