@@ -162,6 +162,12 @@ fn apply(state: &mut TrackerState, change: Change) -> Vec<Report> {
     }
 }
 
+/// Records a failed Kubernetes call about one Job: a log line and a metric.
+fn kube_error(ctx: &Context, verb: &str, job_id: &str, job_name: &str, err: &impl std::fmt::Display) {
+    let error = err.to_string();
+    ctx.metrics.observe(Observation::KubeError { verb, job_id, job_name, error: &error });
+}
+
 /// Re-classifies a terminal report with the pods as they are now.
 async fn refresh(ctx: &Context, report: &mut Report) {
     match jobs::current_pods(ctx, &report.meta.name, &report.meta.uid).await {
@@ -175,13 +181,7 @@ async fn refresh(ctx: &Context, report: &mut Report) {
         }
         Ok(_) => {}
         Err(err) => {
-            let error = err.to_string();
-            ctx.metrics.observe(Observation::KubeError {
-                verb: "list",
-                job_id: &report.meta.job_id,
-                job_name: &report.meta.name,
-                error: &error,
-            });
+            kube_error(ctx, "list", &report.meta.job_id, &report.meta.name, &err);
         }
     }
 }
@@ -209,13 +209,7 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
                     return;
                 }
                 if let Err(err) = jobs::delete(&ctx, &name, Some(&uid)).await {
-                    let error = err.to_string();
-                    ctx.metrics.observe(Observation::KubeError {
-                        verb: "delete",
-                        job_id: &job_id,
-                        job_name: &name,
-                        error: &error,
-                    });
+                    kube_error(&ctx, "delete", &job_id, &name, &err);
                 }
             });
             continue;
@@ -224,13 +218,7 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
         let stop = matches!(state, JobState::OomKilled | JobState::Preempted | JobState::NodeLost);
         if stop && report.exists {
             if let Err(err) = jobs::stop(&ctx, &meta.name).await {
-                let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError {
-                    verb: "patch",
-                    job_id: &meta.job_id,
-                    job_name: &meta.name,
-                    error: &error,
-                });
+                kube_error(&ctx, "patch", &meta.job_id, &meta.name, &err);
             }
         }
         let subject = EventSubject {
@@ -250,13 +238,7 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
                         return; // the next reporter finds the stopped Job and resubmits it
                     }
                     if let Err(err) = jobs::resubmit(&ctx, &name, &uid).await {
-                        let error = err.to_string();
-                        ctx.metrics.observe(Observation::KubeError {
-                            verb: "create",
-                            job_id: &job_id,
-                            job_name: &name,
-                            error: &error,
-                        });
+                        kube_error(&ctx, "create", &job_id, &name, &err);
                     }
                 });
                 continue;
@@ -287,13 +269,7 @@ async fn execute(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<Report>
                 jobs::after_terminal(&ctx, &meta.name, &meta.uid, state).await
             };
             if let Err(err) = result {
-                let error = err.to_string();
-                ctx.metrics.observe(Observation::KubeError {
-                    verb: "delete",
-                    job_id: &meta.job_id,
-                    job_name: &meta.name,
-                    error: &error,
-                });
+                kube_error(&ctx, "delete", &meta.job_id, &meta.name, &err);
             }
         }
     }
