@@ -2,8 +2,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-RUN cargo build --release --locked --bin k8s-job-worker \
+COPY crates ./crates
+RUN cargo build --release --locked -p k8s-job-worker --bin k8s-job-worker \
  && strip target/release/k8s-job-worker
 
 # distroless/cc: glibc and CA certificates, no shell, runs as nonroot (65532).

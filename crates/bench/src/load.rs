@@ -1,0 +1,351 @@
+//! One benchmark phase's world: a namespace, private queues, a worker process, and watches
+//! that time when Jobs appear and pods end, as seen by this client.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_job_worker::amqp::{broker::work_queue_arguments, publisher::Pending};
+use k8s_job_worker::{
+    config::Settings,
+    domain::{job::plan_job, request::parse_request},
+    k8s::render,
+};
+use k8s_job_worker_testkit::{
+    cluster::{create_namespace, drop_namespace_and_wait},
+    worker::free_port,
+    GalaxyClient, Names, WorkerProcess, WorkerSpec, SIM_NODE_ANNOTATIONS,
+};
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use kube::{
+    api::{Api, PostParams},
+    runtime::{watcher, WatchStreamExt},
+    Client,
+};
+use lapin::options::*;
+use serde_json::json;
+
+use crate::Args;
+
+#[derive(Default)]
+struct Seen {
+    jobs: HashMap<String, Instant>,
+    running: HashMap<String, Instant>,
+    terminal: HashMap<String, Instant>,
+}
+
+/// A namespace with its own queues and (optionally) a worker.
+pub struct Env {
+    client: Client,
+    ns: String,
+    names: Names,
+    galaxy: GalaxyClient,
+    events: lapin::Consumer,
+    seen: Arc<Mutex<Seen>>,
+    worker: Option<WorkerProcess>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+    held: usize,
+}
+
+fn request(job_id: &str, command: &str, hold: bool) -> serde_json::Value {
+    let mut r = json!({"schema": "k8s-job-worker/job-request/v1", "job_id": job_id, "command_line": command,
+                       "image": "busybox", "max_pod_retrials": 0, "requests_cpu": 0.001});
+    if hold {
+        r["annotations"] = json!({format!("{SIM_NODE_ANNOTATIONS}/hold"): "true"});
+    }
+    r
+}
+
+impl Env {
+    pub async fn new(client: &Client, args: &Args, name: &str) -> anyhow::Result<Env> {
+        let ns = format!("{name}-{}", jiff::Timestamp::now().as_second());
+        create_namespace(client, &ns).await?;
+        let names = Names::new(&ns);
+        let galaxy = GalaxyClient::connect(&args.amqp_url).await?;
+        let events = galaxy.bind_events(&names.result_exchange, "#", None).await?;
+        // Declared as the worker declares it, so requests can be published before it starts.
+        let work_queue = work_queue_arguments(&names.settings(&args.amqp_url));
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        galaxy.channel.queue_declare(names.request_queue.clone().into(), durable, work_queue).await?;
+
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (jobs, pods): (Api<Job>, Api<Pod>) =
+            (Api::namespaced(client.clone(), &ns), Api::namespaced(client.clone(), &ns));
+        let s = seen.clone();
+        let job_watch = tokio::spawn(async move {
+            let stream = watcher(jobs, watcher::Config::default()).default_backoff().applied_objects();
+            futures::pin_mut!(stream);
+            while let Ok(Some(job)) = stream.try_next().await {
+                let name = job.metadata.name.unwrap_or_default();
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .jobs
+                    .entry(name)
+                    .or_insert_with(Instant::now);
+            }
+        });
+        let s = seen.clone();
+        let pod_watch = tokio::spawn(async move {
+            let stream = watcher(pods, watcher::Config::default()).default_backoff().applied_objects();
+            futures::pin_mut!(stream);
+            while let Ok(Some(pod)) = stream.try_next().await {
+                let job = pod.metadata.labels.as_ref().and_then(|l| l.get("app").cloned()).unwrap_or_default();
+                let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+                let mut seen = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match phase.as_str() {
+                    "Running" => {
+                        seen.running.entry(job).or_insert_with(Instant::now);
+                    }
+                    "Succeeded" | "Failed" => {
+                        seen.terminal.entry(job).or_insert_with(Instant::now);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(Env {
+            client: client.clone(),
+            ns,
+            names,
+            galaxy,
+            events,
+            seen,
+            worker: None,
+            watches: vec![job_watch, pod_watch],
+            held: 0,
+        })
+    }
+
+    pub async fn start_worker(&mut self, args: &Args) -> anyhow::Result<()> {
+        let mut worker = self.worker_spec(args)?.spawn(&format!("{}-worker", self.ns), free_port())?;
+        let ready = worker.wait_ready(Duration::from_secs(30)).await;
+        self.worker = Some(worker);
+        anyhow::ensure!(ready, "worker not ready");
+        Ok(())
+    }
+
+    /// How this namespace's worker replicas are started.
+    pub fn worker_spec(&self, args: &Args) -> anyhow::Result<WorkerSpec> {
+        let mut spec = WorkerSpec::new(&args.amqp_url, &self.ns, self.names.clone());
+        spec.bin = match &args.worker_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?.with_file_name("k8s-job-worker"),
+        };
+        spec.instance_id = Some("bench".into());
+        spec.log_dir = std::env::temp_dir();
+        spec.rust_log = "warn".into();
+        spec.env = vec![
+            ("AMQP_PREFETCH".into(), (2 * args.concurrency).to_string()),
+            ("K8S_MAX_CONCURRENT_CREATES".into(), args.concurrency.to_string()),
+            // Held requests carry sim-node's annotation, which requests may only use when allowed.
+            ("POLICY_ALLOWED_METADATA_PREFIXES".into(), SIM_NODE_ANNOTATIONS.into()),
+        ];
+        Ok(spec)
+    }
+
+    /// The running worker replica.
+    pub fn worker(&self) -> Option<&WorkerProcess> {
+        self.worker.as_ref()
+    }
+
+    /// Stops this client's own watches (their re-lists would be counted with the worker's).
+    pub fn stop_watching(&mut self) {
+        for w in self.watches.drain(..) {
+            w.abort();
+        }
+    }
+
+    async fn publish(&self, body: &serde_json::Value) -> anyhow::Result<Pending> {
+        Ok(self.galaxy.send(&self.names.request_queue, &serde_json::to_vec(body)?).await?)
+    }
+
+    async fn wait_jobs(&self, n: usize, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if seen.jobs.len() >= n {
+                    return Ok(seen.jobs.values().copied().max().unwrap_or_else(Instant::now));
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {} of {n} Jobs after {timeout:?}",
+                self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).jobs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A plain client creating `n` equivalent Jobs with `concurrency` creates in flight.
+    pub async fn raw_creates(&mut self, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
+        let defaults = Settings::from_args([
+            "--k8s-galaxy-instance-id",
+            "bench",
+            "--policy-allowed-metadata-prefixes",
+            SIM_NODE_ANNOTATIONS,
+        ])?
+        .job_defaults();
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.ns);
+        let specs: Vec<Job> = (0..n)
+            .map(|i| {
+                let body = serde_json::to_vec(&request(&format!("raw{i}"), "sleep infinity", true)).unwrap_or_default();
+                parse_request(&body, 1 << 20)
+                    .ok()
+                    .and_then(|r| plan_job(&r, &defaults).ok())
+                    .map(|plan| render::job(&plan, &self.ns))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow::anyhow!("request did not build"))?;
+        let started = Instant::now();
+        futures::stream::iter(specs)
+            .map(|job| {
+                let jobs = jobs.clone();
+                async move { jobs.create(&PostParams::default(), &job).await }
+            })
+            .buffer_unordered(concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let last = self.wait_jobs(n, Duration::from_secs(600)).await?;
+        Ok(last.duration_since(started))
+    }
+
+    /// Publishes `n` requests at once; time until all `n` Jobs exist.
+    pub async fn burst(&mut self, n: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut confirms = Vec::with_capacity(n);
+        for i in 0..n {
+            confirms.push(self.publish(&request(&format!("b{i}"), "sleep infinity", true)).await?);
+        }
+        for c in confirms {
+            c.confirmed().await?;
+        }
+        eprintln!("[bench] {n} requests published and confirmed in {:.2} s", started.elapsed().as_secs_f64());
+        let last = self.wait_jobs(n, Duration::from_secs(600)).await?;
+        Ok(last.duration_since(started))
+    }
+
+    /// One request at a time: publish → Job seen, and pod terminal seen → terminal event received.
+    pub async fn sequential(&mut self, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+        let (mut to_job, mut to_event) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let job_id = format!("s{i}");
+            let name = k8s_job_worker::domain::naming::job_name("galaxy", Some("bench"), &job_id, None);
+            let sent = Instant::now();
+            self.publish(&request(&job_id, "true", false)).await?.confirmed().await?;
+            loop {
+                let delivery = tokio::time::timeout(Duration::from_secs(30), self.events.next())
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("event stream ended"))??;
+                let received = Instant::now();
+                delivery.ack(BasicAckOptions::default()).await?;
+                let event: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+                if event["job_id"] != json!(job_id) || !matches!(event["state"].as_str(), Some("succeeded" | "failed"))
+                {
+                    continue;
+                }
+                let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(created) = seen.jobs.get(&name) {
+                    to_job.push(created.duration_since(sent));
+                }
+                if let Some(ended) = seen.terminal.get(&name) {
+                    to_event.push(received.saturating_duration_since(*ended));
+                }
+                break;
+            }
+        }
+        Ok((to_job, to_event))
+    }
+
+    /// Publishes held requests until `m` are held (counting those held before) and waits until
+    /// all their pods run.
+    pub async fn hold(&mut self, m: usize) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(m);
+        for i in self.held..m {
+            confirms.push(self.publish(&request(&format!("h{i}"), "sleep infinity", true)).await?);
+        }
+        for c in confirms {
+            c.confirmed().await?;
+        }
+        self.held = self.held.max(m);
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        while self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).running.len() < m {
+            anyhow::ensure!(Instant::now() < deadline, "pods did not all start");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
+    /// CPU time to decode one of this namespace's pods, as the apiserver sends it, into the full
+    /// `k8s_openapi` Pod and into the tracker's slim type, in microseconds.
+    pub async fn decode_cost(&self) -> anyhow::Result<serde_json::Value> {
+        use k8s_job_worker::k8s::watched::WatchedPod;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let Some(name) = pods.list_metadata(&Default::default()).await?.items.pop().and_then(|p| p.metadata.name)
+        else {
+            return Ok(json!(null));
+        };
+        let request =
+            kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", self.ns)).get(&name, &Default::default())?;
+        let body = self.client.request_text(request).await?.into_bytes();
+        const ROUNDS: u32 = 20_000;
+        fn time<T: serde::de::DeserializeOwned>(body: &[u8]) -> f64 {
+            let started = Instant::now();
+            for _ in 0..ROUNDS {
+                std::hint::black_box(serde_json::from_slice::<T>(body).ok());
+            }
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(ROUNDS)
+        }
+        let (full, slim) = (time::<Pod>(&body), time::<WatchedPod>(&body));
+        let r = |x: f64| (x * 10.0).round() / 10.0;
+        Ok(json!({"pod_json_bytes": body.len(), "full_pod_us": r(full), "slim_pod_us": r(slim)}))
+    }
+
+    /// The worker's resident memory in KiB.
+    pub fn worker_rss_kib(&self) -> u64 {
+        self.worker.as_ref().map_or(0, WorkerProcess::rss_kib)
+    }
+
+    /// Mean of a histogram in the worker's `/metrics`, in milliseconds.
+    pub async fn worker_metric_mean_ms(&self, name: &str) -> Option<f64> {
+        let (_, text) = self.worker.as_ref()?.get("/metrics").await?;
+        let value = |suffix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}_{suffix} ")))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        };
+        Some(value("sum")? / value("count")?.max(1.0) * 1000.0)
+    }
+
+    /// The worker's pid, when running.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.as_ref().and_then(WorkerProcess::pid)
+    }
+
+    pub fn stop_worker(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            let _ = worker.terminate();
+        }
+    }
+
+    /// Stops the worker, deletes the queues and the namespace, and waits until it is gone
+    /// (so its cleanup does not load the apiserver during the next measurement).
+    pub async fn finish(mut self) {
+        self.stop_worker();
+        for w in &self.watches {
+            w.abort();
+        }
+        let n = &self.names;
+        for q in [&n.request_queue, &n.control_queue, &n.dead_letter_queue, &n.dead_letter_inbox] {
+            let _ = self.galaxy.channel.queue_delete(q.clone().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = self.galaxy.conn.close(200, "done".into()).await;
+        drop_namespace_and_wait(&self.client, &self.ns, Duration::from_secs(600)).await;
+    }
+}

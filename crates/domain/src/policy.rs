@@ -1,0 +1,292 @@
+//! The request policy: a request comes from the network, a pod spec runs code on the cluster.
+//! Each rule is optional; a request outside one is refused with the rule's name.
+
+use std::collections::BTreeMap;
+
+use super::{
+    keys,
+    placement::{PvcMount, Toleration},
+    quantity,
+};
+
+/// What in [`Policy::allowed_tolerations`] admits a toleration without a key (one that
+/// tolerates every taint); no taint key can be `*`.
+pub const ANY_TAINT: &str = "*";
+
+/// The policy an admin configured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// Images must be under one of these prefixes (empty: any image); see [`image_under`].
+    pub allowed_image_prefixes: Vec<String>,
+    /// Largest CPU a job may ask for, in millicores.
+    pub max_cpu_millis: Option<u64>,
+    /// Largest memory a job may ask for, in bytes.
+    pub max_memory_bytes: Option<u64>,
+    /// PVCs a request may mount (empty: none beyond the worker's own).
+    pub allowed_pvcs: Vec<String>,
+    /// `key=value` node selectors a request may use (empty: none).
+    pub allowed_node_selectors: Vec<(String, String)>,
+    /// Shells a request may name (empty: none; a request naming no shell gets `/bin/bash`).
+    pub allowed_shells: Vec<String>,
+    /// Taint keys a request's tolerations may name (empty: none); [`ANY_TAINT`] also admits a
+    /// toleration without a key.
+    pub allowed_tolerations: Vec<String>,
+    /// Priority classes a request may name (empty: none).
+    pub allowed_priority_classes: Vec<String>,
+    /// DNS prefixes of the label and annotation keys a request may use, each matched exactly
+    /// (empty: unprefixed keys only). Reserved keys ([`keys::is_reserved`]) are refused anyway.
+    pub allowed_metadata_prefixes: Vec<String>,
+}
+
+/// What the policy looks at in a request, after defaults were applied.
+#[derive(Debug, Clone, Default)]
+pub struct Asked<'a> {
+    /// Image reference.
+    pub image: &'a str,
+    /// Largest of the CPU request and limit, in millicores.
+    pub cpu_millis: Option<u64>,
+    /// Largest of the memory request and limit, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// PVC mounts the request asks for.
+    pub pvcs: &'a [PvcMount],
+    /// Node selector the request asks for.
+    pub node_selector: Option<&'a BTreeMap<String, String>>,
+    /// The shell the request names, if any.
+    pub shell: Option<&'a str>,
+    /// Tolerations the request adds.
+    pub tolerations: &'a [Toleration],
+    /// The priority class the request names, if any.
+    pub priority_class: Option<&'a str>,
+    /// Labels the request adds.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// Annotations the request adds.
+    pub annotations: Option<&'a BTreeMap<String, String>>,
+}
+
+/// A broken rule: its name (as configured) and what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The setting that refuses it.
+    pub rule: &'static str,
+    /// What the request asked for.
+    pub detail: String,
+}
+
+impl Policy {
+    /// Checks a request against every configured rule.
+    pub fn check(&self, asked: &Asked<'_>) -> Result<(), Violation> {
+        let fail = |rule, detail: String| Err(Violation { rule, detail });
+        if !self.allowed_image_prefixes.is_empty()
+            && !self.allowed_image_prefixes.iter().any(|p| image_under(asked.image, p))
+        {
+            return fail(
+                "policy_allowed_image_prefixes",
+                format!("image {:?} is not under an allowed prefix", asked.image),
+            );
+        }
+        if let (Some(max), Some(cpu)) = (self.max_cpu_millis, asked.cpu_millis) {
+            if cpu > max {
+                return fail("policy_max_cpu", format!("{cpu}m CPU asked, at most {max}m allowed"));
+            }
+        }
+        if let (Some(max), Some(mem)) = (self.max_memory_bytes, asked.memory_bytes) {
+            if mem > max {
+                return fail("policy_max_memory", format!("{mem} bytes of memory asked, at most {max} allowed"));
+            }
+        }
+        if let Some(pvc) = asked.pvcs.iter().find(|m| !self.allowed_pvcs.contains(&m.claim)) {
+            return fail("policy_allowed_pvcs", format!("PVC {:?} may not be mounted by a request", pvc.claim));
+        }
+        for (k, v) in asked.node_selector.into_iter().flatten() {
+            if !self.allowed_node_selectors.iter().any(|(ak, av)| ak == k && av == v) {
+                return fail("policy_allowed_node_selectors", format!("node selector {k}={v} is not allowed"));
+            }
+        }
+        if let Some(shell) = asked.shell.filter(|s| !self.allowed_shells.iter().any(|a| a == s)) {
+            return fail("policy_allowed_shells", format!("shell {shell:?} is not allowed"));
+        }
+        for toleration in asked.tolerations {
+            match toleration.key.as_deref().filter(|k| !k.is_empty()) {
+                Some(key) if !self.allowed_tolerations.iter().any(|a| a == key) => {
+                    return fail("policy_allowed_tolerations", format!("a toleration of taint {key:?} is not allowed"));
+                }
+                None if !self.allowed_tolerations.iter().any(|a| a == ANY_TAINT) => {
+                    return fail(
+                        "policy_allowed_tolerations",
+                        "a toleration without a key (it tolerates every taint) is not allowed".into(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if let Some(class) = asked.priority_class.filter(|c| !self.allowed_priority_classes.iter().any(|a| a == c)) {
+            return fail("policy_allowed_priority_classes", format!("priority class {class:?} is not allowed"));
+        }
+        for (what, map) in [("label", asked.labels), ("annotation", asked.annotations)] {
+            for key in map.into_iter().flat_map(BTreeMap::keys) {
+                if keys::is_reserved(key) {
+                    return fail("reserved_metadata_keys", format!("{what} {key:?} is the worker's or Kubernetes'"));
+                }
+                if let Some(prefix) =
+                    keys::key_prefix(key).filter(|p| !self.allowed_metadata_prefixes.iter().any(|a| a == p))
+                {
+                    return fail(
+                        "policy_allowed_metadata_prefixes",
+                        format!("{what} {key:?}: prefix {prefix:?} is not allowed"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `image` is under the allowed `prefix`, matched on registry and path boundaries: it
+/// is the prefix, or continues it with `/`, `:` or `@`, or the prefix ends with `/`. So
+/// `quay.io` admits `quay.io/biocontainers/samtools:1` but not `quay.io.evil.example/x`, and
+/// `quay.io/biocontainers/samtools` admits its tags and digests but not `...samtools-evil`.
+pub fn image_under(image: &str, prefix: &str) -> bool {
+    match image.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with(['/', ':', '@']),
+    }
+}
+
+/// The larger of two optional quantities, as millicores or bytes.
+pub fn largest(values: &[Option<&str>], parse: fn(&str) -> Option<u64>) -> Option<u64> {
+    values.iter().flatten().filter_map(|q| parse(q)).max()
+}
+
+/// Millicores of a CPU quantity (re-exported for callers building [`Asked`]).
+pub fn cpu(q: &str) -> Option<u64> {
+    quantity::cpu_millis(q)
+}
+
+/// Bytes of a memory quantity.
+pub fn memory(q: &str) -> Option<u64> {
+    quantity::memory_bytes(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pvc(claim: &str) -> PvcMount {
+        PvcMount { claim: claim.into(), sub_path: None, mount_path: "/x".into(), read_only: false }
+    }
+
+    #[test]
+    fn an_empty_policy_allows_all_but_request_pvcs_and_selectors() {
+        let p = Policy::default();
+        assert!(p.check(&Asked { image: "anything", cpu_millis: Some(1_000_000), ..Asked::default() }).is_ok());
+        assert_eq!(
+            p.check(&Asked { pvcs: &[pvc("data")], ..Asked::default() }).unwrap_err().rule,
+            "policy_allowed_pvcs"
+        );
+        let sel = BTreeMap::from([("gpu".to_string(), "a100".to_string())]);
+        let asked = Asked { node_selector: Some(&sel), ..Asked::default() };
+        assert_eq!(p.check(&asked).unwrap_err().rule, "policy_allowed_node_selectors");
+    }
+
+    #[test]
+    fn each_rule_names_itself() {
+        let p = Policy {
+            allowed_image_prefixes: vec!["quay.io/biocontainers/".into()],
+            max_cpu_millis: Some(4000),
+            max_memory_bytes: Some(8_000_000_000),
+            allowed_pvcs: vec!["refdata".into()],
+            allowed_node_selectors: vec![("pool".into(), "galaxy".into())],
+            allowed_shells: vec!["/bin/bash".into(), "/bin/sh".into()],
+            ..Policy::default()
+        };
+        let ok = Asked { image: "quay.io/biocontainers/samtools:1", ..Asked::default() };
+        assert!(p.check(&ok).is_ok());
+        let rule = |a: Asked<'_>| p.check(&a).unwrap_err().rule;
+        assert_eq!(rule(Asked { image: "docker.io/evil", ..ok.clone() }), "policy_allowed_image_prefixes");
+        assert_eq!(rule(Asked { cpu_millis: Some(8000), ..ok.clone() }), "policy_max_cpu");
+        assert_eq!(rule(Asked { memory_bytes: Some(16_000_000_000), ..ok.clone() }), "policy_max_memory");
+        assert_eq!(rule(Asked { pvcs: &[pvc("secrets")], ..ok.clone() }), "policy_allowed_pvcs");
+        assert!(p.check(&Asked { pvcs: &[pvc("refdata")], ..ok.clone() }).is_ok());
+        let sel = BTreeMap::from([("pool".to_string(), "other".to_string())]);
+        assert_eq!(rule(Asked { node_selector: Some(&sel), ..ok.clone() }), "policy_allowed_node_selectors");
+        assert!(p.check(&Asked { shell: Some("/bin/sh"), ..ok.clone() }).is_ok());
+        assert_eq!(rule(Asked { shell: Some("/usr/bin/python3"), ..ok.clone() }), "policy_allowed_shells");
+    }
+
+    #[test]
+    fn largest_of_request_and_limit() {
+        assert_eq!(largest(&[Some("500m"), Some("2")], cpu), Some(2000));
+        assert_eq!(largest(&[None, Some("1G")], memory), Some(1_000_000_000));
+        assert_eq!(largest(&[None, None], cpu), None);
+    }
+
+    #[test]
+    fn item8_image_prefixes_match_on_registry_and_path_boundaries() {
+        let allow = |prefix: &str, image: &str| {
+            let p = Policy { allowed_image_prefixes: vec![prefix.into()], ..Policy::default() };
+            p.check(&Asked { image, ..Asked::default() }).is_ok()
+        };
+        assert!(!allow("quay.io", "quay.io.evil.example/biocontainers/samtools:1"));
+        assert!(!allow("quay.io/biocontainers", "quay.io/biocontainers-evil/samtools:1"));
+        assert!(!allow("quay.io/biocontainers/samtools", "quay.io/biocontainers/samtools-evil:1"));
+        assert!(!allow("busy", "busybox"));
+        assert!(allow("quay.io", "quay.io/biocontainers/samtools:1"));
+        assert!(allow("quay.io/biocontainers", "quay.io/biocontainers/samtools:1"));
+        assert!(allow("quay.io/biocontainers/", "quay.io/biocontainers/samtools:1"));
+        assert!(allow("quay.io/biocontainers/samtools", "quay.io/biocontainers/samtools:1.17"));
+        assert!(allow("quay.io/biocontainers/samtools", "quay.io/biocontainers/samtools@sha256:0123"));
+        assert!(allow("busybox", "busybox"));
+        assert!(allow("localhost:5000", "localhost:5000/tool"));
+    }
+
+    #[test]
+    fn item8_allow_lists_for_tolerations_priority_classes_and_key_prefixes() {
+        let p = Policy {
+            allowed_tolerations: vec!["gpu".into()],
+            allowed_priority_classes: vec!["galaxy-high".into()],
+            allowed_metadata_prefixes: vec!["example.org".into(), "k8s-job-worker".into(), "kubernetes.io".into()],
+            ..Policy::default()
+        };
+        let toleration = |key: Option<&str>| Toleration {
+            key: key.map(str::to_string),
+            operator: Some("Exists".into()),
+            value: None,
+            effect: None,
+            toleration_seconds: None,
+        };
+        let rule = |a: Asked<'_>| p.check(&a).err().map(|v| v.rule);
+        assert_eq!(rule(Asked { tolerations: &[toleration(Some("gpu"))], ..Asked::default() }), None);
+        let other = [toleration(Some("dedicated"))];
+        assert_eq!(rule(Asked { tolerations: &other, ..Asked::default() }), Some("policy_allowed_tolerations"));
+        let everything = [toleration(None)];
+        assert_eq!(rule(Asked { tolerations: &everything, ..Asked::default() }), Some("policy_allowed_tolerations"));
+        let star = Policy { allowed_tolerations: vec![ANY_TAINT.into()], ..Policy::default() };
+        assert!(star.check(&Asked { tolerations: &everything, ..Asked::default() }).is_ok(), "explicitly allowed");
+        assert_eq!(rule(Asked { priority_class: Some("galaxy-high"), ..Asked::default() }), None);
+        assert_eq!(
+            rule(Asked { priority_class: Some("other"), ..Asked::default() }),
+            Some("policy_allowed_priority_classes")
+        );
+
+        let map = |k: &str| BTreeMap::from([(k.to_string(), "x".to_string())]);
+        let (team, sidecar, sub) = (map("example.org/team"), map("sidecar.istio.io/inject"), map("x.example.org/team"));
+        assert_eq!(rule(Asked { labels: Some(&team), annotations: Some(&map("plain")), ..Asked::default() }), None);
+        assert_eq!(
+            rule(Asked { annotations: Some(&sidecar), ..Asked::default() }),
+            Some("policy_allowed_metadata_prefixes")
+        );
+        assert_eq!(
+            rule(Asked { labels: Some(&sub), ..Asked::default() }),
+            Some("policy_allowed_metadata_prefixes"),
+            "a prefix is matched exactly, not its subdomains"
+        );
+        for reserved in ["k8s-job-worker/cancelled", "kubernetes.io/x", "app"] {
+            let m = map(reserved);
+            assert_eq!(
+                rule(Asked { annotations: Some(&m), ..Asked::default() }),
+                Some("reserved_metadata_keys"),
+                "{reserved}: refused whatever is allowed"
+            );
+        }
+    }
+}

@@ -1,0 +1,303 @@
+"""Messages exchanged with k8s-job-worker, and what an event means for Galaxy.
+
+Pure functions only: building job requests and control messages from plain values
+(``schemas/job-request.v1.json``, ``schemas/job-cancel.v1.json``), parsing result events
+(``schemas/job-event.v1.json``) and the one table that maps an event onto a Galaxy action.
+Nothing here touches Galaxy's application, database or the broker.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import (
+    Any,
+    Optional,
+    Union,
+)
+
+import yaml
+
+from galaxy.jobs.runners.util import runner_states
+
+REQUEST_SCHEMA = "k8s-job-worker/job-request/v1"
+CONTROL_SCHEMA = "k8s-job-worker/job-cancel/v1"
+EVENT_SCHEMA = "k8s-job-worker/job-event/v1"
+
+# Destination parameters passed through as resource values (same names as Galaxy's
+# Kubernetes runner and the request schema).
+RESOURCE_PARAMS = ("requests_cpu", "requests_memory", "limits_cpu", "limits_memory")
+_NUMBER = re.compile(r"^\s*[0-9]+(\.[0-9]*)?\s*$")
+
+
+class MessageError(ValueError):
+    """A message that does not follow the worker's schema."""
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+def resource_value(value: Any, name: str = "") -> Optional[Union[int, float, str]]:
+    """A destination's resource parameter as the request schema's ``ResourceValue``.
+
+    Numbers stay numbers (``int`` = CPUs / gigabytes, ``float`` = millicores / megabytes, as
+    Galaxy's Kubernetes runner reads them); numeric strings (XML job configurations give only
+    strings) become numbers; other strings are Kubernetes quantities and pass through.
+    Empty values are ``None`` (unset).
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    if not text:
+        return None
+    if _NUMBER.match(text):
+        return float(text) if "." in text else int(text)
+    return text
+
+
+def optional_int(value: Any, name: str) -> Optional[int]:
+    """An integer parameter (``None`` or empty when unset); a clear error otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MessageError(f"{name} must be an integer, not {value!r}")
+
+
+def yaml_param(value: Any, name: str, kind: type) -> Any:
+    """A parameter written as YAML (or already parsed, from ``job_conf.yml``), like the
+    Kubernetes runner's ``k8s_node_selector``, ``k8s_tolerations``, ``k8s_extra_job_envs``;
+    ``None`` when empty."""
+    if value is None or value == "":
+        return None
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if parsed is not None and not isinstance(parsed, kind):
+        raise MessageError(f"{name} must be a YAML {kind.__name__}, not {value!r}")
+    return parsed or None
+
+
+def string_map(value: Any, name: str) -> Optional[dict[str, str]]:
+    """A YAML mapping parameter with string values (``k8s_node_selector``)."""
+    mapping = yaml_param(value, name, dict)
+    return {str(k): str(v) for k, v in mapping.items()} if mapping else None
+
+
+def env_list(value: Any, name: str) -> Optional[list[dict[str, str]]]:
+    """``k8s_extra_job_envs`` (a YAML mapping ``NAME: value``) as the request's ``env`` list."""
+    mapping = yaml_param(value, name, dict)
+    return [{"name": str(k), "value": str(v)} for k, v in mapping.items()] if mapping else None
+
+
+def optional_str(value: Any, name: str) -> Optional[str]:
+    """A string parameter; ``None`` when empty."""
+    return str(value) if value not in (None, "") else None
+
+
+#: Destination parameter → (request field, conversion); ``max_pod_retrials`` is the older
+#: name of ``max_pod_retries`` (the newer wins). Every field is in job-request.v1.json.
+PARAM_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    *((name, name, resource_value) for name in RESOURCE_PARAMS),
+    ("max_pod_retrials", "max_pod_retries", optional_int),
+    ("max_pod_retries", "max_pod_retries", optional_int),
+    ("k8s_walltime_limit", "walltime_seconds", optional_int),
+    ("k8s_node_selector", "node_selector", string_map),
+    ("k8s_tolerations", "tolerations", lambda value, name: yaml_param(value, name, list)),
+    ("k8s_pod_priority_class", "priority_class", optional_str),
+    ("k8s_run_as_user_id", "run_as_user", optional_int),
+    ("k8s_run_as_group_id", "run_as_group", optional_int),
+    ("k8s_extra_job_envs", "env", env_list),
+)
+
+
+def build_request(
+    *,
+    job_id: str,
+    command_line: str,
+    image: str,
+    shell: Optional[str] = None,
+    attempt: Optional[int] = None,
+    working_directory: Optional[str] = None,
+    destination_id: Optional[str] = None,
+    params: Optional[dict[str, Any]] = None,
+    annotations: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
+    """A job request (``schemas/job-request.v1.json``) from the job's values and its
+    destination parameters (Galaxy 26 Kubernetes runner names, see the README)."""
+    params = params or {}
+    request: dict[str, Any] = {
+        "schema": REQUEST_SCHEMA,
+        "job_id": job_id,
+        "command_line": command_line,
+        "image": image,
+    }
+    if shell:
+        request["shell"] = shell
+    if attempt is not None:
+        request["attempt"] = attempt
+    if working_directory:
+        request["working_directory"] = working_directory
+    if destination_id:
+        request["destination_id"] = str(destination_id)
+    for param, field, convert in PARAM_FIELDS:
+        value = convert(params.get(param), param)
+        if value is not None:
+            request[field] = value
+    if annotations:
+        request["annotations"] = dict(annotations)
+    return request
+
+
+def wire_attempt(attempt: int) -> Optional[int]:
+    """The ``attempt`` a request, cancel or status message carries: none for a job's first
+    attempt (its Kubernetes Job then keeps the runner's name ``<prefix>-<instance id>-<job
+    id>``), the number for a resubmission (``...-a<attempt>``). An event without one is of
+    attempt 1."""
+    return attempt if attempt > 1 else None
+
+
+def build_control(job_id: str, action: str, attempt: Optional[int] = None, reason: Optional[str] = None) -> dict:
+    """A control message (``schemas/job-cancel.v1.json``): ``cancel`` or ``status``."""
+    if action not in ("cancel", "status"):
+        raise MessageError(f"unknown control action {action!r}")
+    message: dict[str, Any] = {"schema": CONTROL_SCHEMA, "job_id": job_id, "action": action}
+    if attempt is not None:
+        message["attempt"] = attempt
+    if reason:
+        message["reason"] = reason
+    return message
+
+
+def encode(message: dict) -> bytes:
+    """A message as the UTF-8 JSON body the worker reads."""
+    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One result event from the worker (the fields the runner uses)."""
+
+    event_id: str
+    job_id: str
+    state: str
+    reason: str
+    attempt: Optional[int] = None
+    exit_code: Optional[int] = None
+    job_name: str = ""
+    log_tail: Optional[str] = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the worker reports nothing more for this Job generation after it."""
+        return self.state in TERMINAL_STATES
+
+
+def parse_event(body: Union[bytes, str, dict]) -> Event:
+    """Reads a result event; :class:`MessageError` when it is not one."""
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8")
+    try:
+        data = json.loads(body) if isinstance(body, str) else body
+    except ValueError as e:
+        raise MessageError(f"event is not JSON: {e}")
+    if not isinstance(data, dict):
+        raise MessageError("event is not a JSON object")
+    if data.get("schema") != EVENT_SCHEMA:
+        raise MessageError(f"not a {EVENT_SCHEMA} message: schema {data.get('schema')!r}")
+    for name in ("event_id", "job_id", "state"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise MessageError(f"event without {name}")
+    if data["state"] not in EVENT_STATES:
+        raise MessageError(f"unknown event state {data['state']!r}")
+    attempt = data.get("attempt")
+    exit_code = data.get("exit_code")
+    if attempt is not None and not isinstance(attempt, int):
+        raise MessageError(f"attempt {attempt!r} is not an integer")
+    if exit_code is not None and not isinstance(exit_code, int):
+        raise MessageError(f"exit_code {exit_code!r} is not an integer")
+    return Event(
+        event_id=data["event_id"],
+        job_id=data["job_id"],
+        state=data["state"],
+        reason=str(data.get("reason") or ""),
+        attempt=attempt,
+        exit_code=exit_code,
+        job_name=str(data.get("job_name") or ""),
+        log_tail=data.get("log_tail"),
+    )
+
+
+# --- event -> Galaxy action -------------------------------------------------------------
+
+
+class Action(Enum):
+    """What the runner does with an event."""
+
+    NOTHING = "nothing"  # acknowledged, no change (submitted, cancelled)
+    RUNNING = "running"  # the job's state becomes RUNNING
+    FINISH = "finish"  # finish_job: Galaxy reads the exit code, outputs and stdio rules
+    FAIL = "fail"  # fail_job with a runner state (resubmission rules apply)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An action, and for FAIL the Galaxy runner state and the message for the job's info."""
+
+    action: Action
+    runner_state: Optional[str] = None
+    message: Optional[str] = None
+
+
+# One row per worker state: (action, runner state, message prefix for the job's info).
+EVENT_ACTIONS: dict[str, tuple[Action, Optional[str], Optional[str]]] = {
+    "submitted": (Action.NOTHING, None, None),
+    "running": (Action.RUNNING, None, None),
+    "succeeded": (Action.FINISH, None, None),
+    "failed": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Kubernetes job failed"),
+    "oom_killed": (
+        Action.FAIL,
+        runner_states.MEMORY_LIMIT_REACHED,
+        "Tool exceeded its memory limit (OOM killed)",
+    ),
+    "walltime_exceeded": (Action.FAIL, runner_states.WALLTIME_REACHED, "Job exceeded its walltime"),
+    "unschedulable": (
+        Action.FAIL,
+        runner_states.WALLTIME_REACHED,
+        "Job could not be scheduled within its time limit",
+    ),
+    "image_pull_failed": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Container image could not be pulled"),
+    "preempted": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Job was preempted"),
+    "node_lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "The node running the job was lost"),
+    "lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Kubernetes job was lost"),
+    "cancelled": (Action.NOTHING, None, None),
+}
+
+
+#: Every state the worker reports (``JobState`` in ``schemas/job-event.v1.json``).
+EVENT_STATES = frozenset(EVENT_ACTIONS)
+#: States after which the worker reports nothing more for that Job generation.
+TERMINAL_STATES = EVENT_STATES - {"submitted", "running"}
+
+
+def decide(event: Event, exit_code_file_exists: bool = False) -> Decision:
+    """The Galaxy action for an event.
+
+    ``failed`` with an exit code is the tool's own failure: Galaxy finishes the job and
+    judges the exit code and stdio rules itself. ``lost`` (the Job is gone: cleaned up, or
+    never seen by the worker) finishes the job when its exit code file exists, i.e. the job
+    script ran to its end; otherwise the job failed for reasons outside the tool.
+    """
+    if event.state == "failed" and event.exit_code is not None:
+        return Decision(Action.FINISH)
+    if event.state == "lost" and exit_code_file_exists:
+        return Decision(Action.FINISH)
+    action, runner_state, prefix = EVENT_ACTIONS[event.state]
+    if action is not Action.FAIL:
+        return Decision(action)
+    message = f"{prefix}: {event.reason}" if event.reason else prefix
+    return Decision(action, runner_state, message)
