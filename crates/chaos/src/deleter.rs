@@ -13,7 +13,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::{
-    api::{Api, DeleteParams},
+    api::{Api, DeleteParams, Preconditions},
     runtime::{watcher, WatchStreamExt},
 };
 
@@ -59,7 +59,11 @@ impl Deleter {
             {
                 continue;
             }
-            if jobs.delete(&name, &DeleteParams::background()).await.is_ok() {
+            // Exactly the finished Job it saw: once the reporter turned it into a record of its
+            // outcome (which this deleter leaves alone), the resourceVersion no longer matches.
+            let seen = Preconditions { resource_version: job.metadata.resource_version.clone(), uid: None };
+            let delete = DeleteParams { preconditions: Some(seen), ..DeleteParams::background() };
+            if jobs.delete(&name, &delete).await.is_ok() {
                 self.deleted.fetch_add(1, Ordering::SeqCst);
             }
         }

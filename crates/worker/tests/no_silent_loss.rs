@@ -107,7 +107,7 @@ async fn item4_a_finished_job_deleted_while_no_worker_reports_is_held_then_repor
     let mut h = Harness::new("n-held").await;
     h.start_worker().await;
     let marker = scratch(&h).join("4.runs");
-    let req = request("4", &format!("sleep 2; echo ran >> {}", marker.display()));
+    let req = request("4", &format!("sleep 5; echo ran >> {}", marker.display()));
     h.submit(&req).await;
     h.events_until("4", Duration::from_secs(30), |e| e.iter().any(|e| e.state == JobState::Running)).await;
     h.settle("4", Duration::from_secs(1)).await; // the request's ack follows its `submitted`

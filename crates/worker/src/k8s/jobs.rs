@@ -231,7 +231,7 @@ impl Jobs {
     }
 
     /// Waits until the Job with this uid is gone (`k8s_timeout_seconds_job_deletion`).
-    async fn wait_gone(&self, name: &str, uid: &str) -> Result<()> {
+    pub async fn wait_gone(&self, name: &str, uid: &str) -> Result<()> {
         let deadline = Instant::now() + self.config.deletion_timeout;
         loop {
             match self.jobs.get_opt(name).await.map_err(Error::kube("get"))? {
@@ -330,7 +330,11 @@ impl Jobs {
             "spec": {"parallelism": 0, "activeDeadlineSeconds": keep, "ttlSecondsAfterFinished": i32::try_from(keep).unwrap_or(i32::MAX)},
         });
         match self.patch_releasing(name, uid, patch).await {
-            Ok(job) if job.metadata.deletion_timestamp.is_some() => return Ok(false),
+            Ok(job) if job.metadata.deletion_timestamp.is_some() => {
+                // Let go, it goes now: a record created before that would find its name taken.
+                self.wait_gone(name, uid).await?;
+                return Ok(false);
+            }
             Ok(_) => {}
             other => return done_unless_other(other, "patch").map(|()| false), // gone, or replaced
         }

@@ -403,6 +403,12 @@ impl TrackerState {
         if meta.cancelled.is_some() || meta.replaced || meta.reported.is_some() || rank(tracked.emitted) == 2 {
             return None;
         }
+        // Only the reporter lets a held Job go, after its report: one that leaves the watch still
+        // held became a record (the apiserver's delete event for an object that stops matching
+        // the selector carries its previous state, without the record's marks).
+        if meta.held {
+            return None;
+        }
         if self.classify(uid).is_some_and(|o| o.state.is_terminal()) {
             // It finished before it went: its terminal event, not `lost`.
             return self.due(uid, false);

@@ -160,6 +160,24 @@ fn held_and_deleted(job: WatchedJob) -> WatchedJob {
 }
 
 #[test]
+fn a_held_job_that_leaves_the_watch_became_a_record_and_is_owed_nothing() {
+    // Another replica reported it and turned it into a record: this replica's watch says
+    // "deleted" with the Job as it was before, held and unmarked. Repeating its event on a
+    // takeover would be a duplicate (found by the chaos smoke run).
+    let mut s = TrackerState::paused(Limits::default());
+    s.begin_job_relist();
+    s.end_job_relist();
+    s.begin_pod_relist();
+    s.end_pod_relist();
+    let complete = json!({"conditions": [{"type": "Complete", "status": "True"}]});
+    let mut held = job("u1", json!({}), complete);
+    held.metadata.finalizers = Some(vec![crate::domain::keys::FINALIZER.to_string()]);
+    s.apply_job(&held);
+    assert_eq!(state_of(s.delete_job(&held)), None);
+    assert!(s.set_reporting(true).is_empty(), "nothing owed on takeover");
+}
+
+#[test]
 fn a_held_job_someone_deletes_is_reported_while_it_still_exists() {
     // Running: `lost` at once (the pods would otherwise run on), with the Job still there to
     // be let go and recorded.
