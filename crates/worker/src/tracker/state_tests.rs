@@ -60,7 +60,15 @@ macro_rules! fixed_clock {
 }
 
 fn synced() -> TrackerState {
-    let mut s = TrackerState::default();
+    listed(TrackerState::default())
+}
+
+/// A replica that is not the reporter, both watches listed.
+fn paused_synced() -> TrackerState {
+    listed(TrackerState::paused(Limits::default()))
+}
+
+fn listed(mut s: TrackerState) -> TrackerState {
     s.begin_job_relist();
     assert!(s.end_job_relist().is_empty());
     s.begin_pod_relist();
@@ -164,11 +172,7 @@ fn a_held_job_that_leaves_the_watch_became_a_record_and_is_owed_nothing() {
     // Another replica reported it and turned it into a record: this replica's watch says
     // "deleted" with the Job as it was before, held and unmarked. Repeating its event on a
     // takeover would be a duplicate (found by the chaos smoke run).
-    let mut s = TrackerState::paused(Limits::default());
-    s.begin_job_relist();
-    s.end_job_relist();
-    s.begin_pod_relist();
-    s.end_pod_relist();
+    let mut s = paused_synced();
     let complete = json!({"conditions": [{"type": "Complete", "status": "True"}]});
     let mut held = job("u1", json!({}), complete);
     held.metadata.finalizers = Some(vec![crate::domain::keys::FINALIZER.to_string()]);
@@ -253,11 +257,7 @@ fn tombstones_are_never_reported() {
 
 #[test]
 fn a_paused_replica_tracks_silently_and_reports_on_takeover() {
-    let mut s = TrackerState::paused(Limits::default());
-    s.begin_job_relist();
-    s.end_job_relist();
-    s.begin_pod_relist();
-    s.end_pod_relist();
+    let mut s = paused_synced();
     s.apply_job(&job("u1", json!({}), json!({})));
     assert_eq!(state_of(s.apply_pod(&pod("p1", "u1", "Running", None))), None, "not the reporter");
     // A Job that vanished mid-run while another replica was reporting.
@@ -321,11 +321,7 @@ fn a_pod_waiting_past_its_limit_is_reported_on_the_timer() {
 
 #[test]
 fn item4_a_finished_job_deleted_while_no_replica_reports_is_reported_by_the_next_reporter() {
-    let mut s = TrackerState::paused(Limits::default());
-    s.begin_job_relist();
-    s.end_job_relist();
-    s.begin_pod_relist();
-    s.end_pod_relist();
+    let mut s = paused_synced();
     s.apply_job(&job("u1", json!({}), json!({})));
     s.apply_pod(&pod("p1", "u1", "Failed", Some((3, "Error"))));
     // It fails and Kubernetes' TTL controller deletes it before any replica reported it.
