@@ -231,7 +231,7 @@ impl Jobs {
     }
 
     /// Waits until the Job with this uid is gone (`k8s_timeout_seconds_job_deletion`).
-    pub async fn wait_gone(&self, name: &str, uid: &str) -> Result<()> {
+    async fn wait_gone(&self, name: &str, uid: &str) -> Result<()> {
         let deadline = Instant::now() + self.config.deletion_timeout;
         loop {
             match self.jobs.get_opt(name).await.map_err(Error::kube("get"))? {
@@ -308,6 +308,13 @@ impl Jobs {
             patch["spec"] = json!({"ttlSecondsAfterFinished": ttl});
         }
         done_unless_other(self.patch_releasing(name, uid, patch).await, "patch")
+    }
+
+    /// Marks a Job someone else is deleting reported, lets it go and waits until it is gone
+    /// (so a record can take its name).
+    pub async fn let_go(&self, name: &str, uid: &str, state: JobState) -> Result<()> {
+        self.mark_reported(name, uid, state, None).await?;
+        self.wait_gone(name, uid).await
     }
 
     /// Marks a Job reported, then deletes it and its pods (every replica's last sight of it

@@ -244,9 +244,7 @@ async fn clean_up(ctx: &Arc<Context>, report: &Report, cleanup: Cleanup) -> crat
         Cleanup::CreateRecord => create_record(ctx, report).await,
         Cleanup::Release => ctx.jobs.mark_reported(&meta.name, &meta.uid, state, None).await,
         Cleanup::ReleaseAndRecord => {
-            ctx.jobs.mark_reported(&meta.name, &meta.uid, state, None).await?;
-            // Let go, it goes now: a record created before that would find its name taken.
-            ctx.jobs.wait_gone(&meta.name, &meta.uid).await?;
+            ctx.jobs.let_go(&meta.name, &meta.uid, state).await?;
             create_record(ctx, report).await
         }
         Cleanup::Keep | Cleanup::DeleteAfter(_) | Cleanup::RecordAfter(_) => Ok(()),
