@@ -123,8 +123,10 @@ pub enum Cleanup {
     /// Someone else is deleting it and the worker's finalizer holds it: mark it reported and
     /// let it go.
     Release,
-    /// [`Cleanup::Release`], then [`Cleanup::CreateRecord`] once it is gone.
-    ReleaseAndRecord,
+    /// Someone else is deleting it and the worker's finalizer holds it: turn it into a record
+    /// of its outcome that the finalizer keeps until the record expires (its name is never
+    /// free meanwhile, so a repeated request is answered, never run again).
+    RecordHeld,
 }
 
 /// Where a Job object stands when its report is carried out.
@@ -197,7 +199,7 @@ pub fn plan(outcome: &Outcome, presence: Presence, resubmissions: u32, rules: &R
         (false, _, _, _) => Cleanup::Keep,
         (true, Presence::Gone, _, true) => Cleanup::CreateRecord,
         (true, Presence::Gone, _, false) => Cleanup::Keep,
-        (true, Presence::Deleting, _, true) => Cleanup::ReleaseAndRecord,
+        (true, Presence::Deleting, _, true) => Cleanup::RecordHeld,
         (true, Presence::Deleting, _, false) => Cleanup::Release,
         (true, Presence::Here, true, true) => Cleanup::Record,
         (true, Presence::Here, true, false) if cannot_start => Cleanup::Delete,
@@ -278,8 +280,8 @@ mod tests {
     fn a_job_someone_else_deletes_is_let_go_only_after_its_report_and_record() {
         let p = |state, rules: &Rules| super::plan(&Outcome::new(state, "", None), Presence::Deleting, 0, rules);
         let plan = p(JobState::Succeeded, &Rules::default());
-        assert_eq!((plan.publish, plan.cleanup), (true, Cleanup::ReleaseAndRecord));
-        assert_eq!(p(JobState::Lost, &Rules::default()).cleanup, Cleanup::ReleaseAndRecord);
+        assert_eq!((plan.publish, plan.cleanup), (true, Cleanup::RecordHeld));
+        assert_eq!(p(JobState::Lost, &Rules::default()).cleanup, Cleanup::RecordHeld);
         let no_records = Rules { record_for: None, ..Rules::default() };
         assert_eq!(p(JobState::Failed, &no_records).cleanup, Cleanup::Release);
         let resubmitting = Rules { resubmit_preempted_after: Some(Duration::from_secs(1)), ..Rules::default() };

@@ -29,7 +29,7 @@ use crate::{
         decision::JobAction,
         event::{self, JobState},
         job::Record,
-        keys::{ANN_CANCELLED, ANN_RECORD_UNTIL, ANN_REPLACED, ANN_REPORTED, LABEL_APP, LABEL_RECORD},
+        keys::{ANN_CANCELLED, ANN_RECORD_UNTIL, ANN_REPLACED, ANN_REPORTED, FINALIZER, LABEL_APP, LABEL_RECORD},
         outcome::PodView,
         ownership::Owner,
         ValidationError,
@@ -310,13 +310,6 @@ impl Jobs {
         done_unless_other(self.patch_releasing(name, uid, patch).await, "patch")
     }
 
-    /// Marks a Job someone else is deleting reported, lets it go and waits until it is gone
-    /// (so a record can take its name).
-    pub async fn let_go(&self, name: &str, uid: &str, state: JobState) -> Result<()> {
-        self.mark_reported(name, uid, state, None).await?;
-        self.wait_gone(name, uid).await
-    }
-
     /// Marks a Job reported, then deletes it and its pods (every replica's last sight of it
     /// says its event went out).
     pub async fn retire(&self, name: &str, uid: &str, state: JobState) -> Result<()> {
@@ -331,21 +324,24 @@ impl Jobs {
     /// Returns whether it did: `false` when no Job with this uid is there any more (or it
     /// was being deleted by someone else, and went once let go).
     pub async fn record(&self, name: &str, uid: &str, record: &Record<'_>) -> Result<bool> {
-        let keep = record.keep_for.as_secs().max(1);
-        let patch = json!({
-            "metadata": {"labels": {LABEL_RECORD: "true"}, "annotations": record.annotations()},
-            "spec": {"parallelism": 0, "activeDeadlineSeconds": keep, "ttlSecondsAfterFinished": i32::try_from(keep).unwrap_or(i32::MAX)},
-        });
-        match self.patch_releasing(name, uid, patch).await {
+        match self.patch_releasing(name, uid, record_patch(record)).await {
             Ok(job) if job.metadata.deletion_timestamp.is_some() => {
                 // Let go, it goes now: a record created before that would find its name taken.
                 self.wait_gone(name, uid).await?;
-                return Ok(false);
+                Ok(false)
             }
-            Ok(_) => {}
-            other => return done_unless_other(other, "patch").map(|()| false), // gone, or replaced
+            Ok(_) => Ok(true),
+            other => done_unless_other(other, "patch").map(|()| false), // gone, or replaced
         }
-        Ok(true)
+    }
+
+    /// Turns a Job someone else is deleting into a record of its outcome that the worker's
+    /// finalizer keeps until the record expires ([`Jobs::expire_records`] lets it go): its
+    /// name is never free, so a request delivered again meanwhile is answered, never rerun.
+    pub async fn record_held(&self, name: &str, uid: &str, record: &Record<'_>) -> Result<()> {
+        let mut patch = record_patch(record);
+        patch["metadata"]["uid"] = uid.into();
+        done_unless_other(self.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await, "patch")
     }
 
     /// Deletes the pods of the Job `name` (a record's: its Job object stays).
@@ -371,6 +367,11 @@ impl Jobs {
                 meta.annotations.as_ref().and_then(|a| a.get(ANN_RECORD_UNTIL)?.parse::<jiff::Timestamp>().ok());
             if let (Some(name), Some(until)) = (&meta.name, until) {
                 if until < now {
+                    let held = meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER));
+                    if let (true, Some(uid)) = (held, meta.uid.as_deref()) {
+                        // A record kept by the finalizer (its Job was deleted by someone else).
+                        done_unless_other(self.patch_releasing(name, uid, json!({})).await, "patch")?;
+                    }
                     self.delete(name, meta.uid.as_deref()).await?;
                     expired += 1;
                 }
@@ -457,4 +458,13 @@ where
             None => return Ok(()),
         }
     }
+}
+
+/// The patch that makes a finished Job a record of its outcome.
+fn record_patch(record: &Record<'_>) -> serde_json::Value {
+    let keep = record.keep_for.as_secs().max(1);
+    json!({
+        "metadata": {"labels": {LABEL_RECORD: "true"}, "annotations": record.annotations()},
+        "spec": {"parallelism": 0, "activeDeadlineSeconds": keep, "ttlSecondsAfterFinished": i32::try_from(keep).unwrap_or(i32::MAX)},
+    })
 }

@@ -243,10 +243,16 @@ async fn clean_up(ctx: &Arc<Context>, report: &Report, cleanup: Cleanup) -> crat
         Cleanup::Record => record_then_delete_pods(ctx, report).await,
         Cleanup::CreateRecord => create_record(ctx, report).await,
         Cleanup::Release => ctx.jobs.mark_reported(&meta.name, &meta.uid, state, None).await,
-        Cleanup::ReleaseAndRecord => {
-            ctx.jobs.let_go(&meta.name, &meta.uid, state).await?;
-            create_record(ctx, report).await
-        }
+        Cleanup::RecordHeld => match outcome_record(ctx, report) {
+            Some(record) => {
+                ctx.jobs.record_held(&meta.name, &meta.uid, &record).await?;
+                later(ctx, report, ctx.rules.pods_grace, "delete", |ctx, r| async move {
+                    ctx.jobs.delete_pods(&r.meta.name).await
+                });
+                Ok(())
+            }
+            None => ctx.jobs.mark_reported(&meta.name, &meta.uid, state, None).await,
+        },
         Cleanup::Keep | Cleanup::DeleteAfter(_) | Cleanup::RecordAfter(_) => Ok(()),
     }
 }
