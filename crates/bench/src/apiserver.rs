@@ -9,7 +9,7 @@ use anyhow::Context as _;
 pub type Counts = BTreeMap<String, f64>;
 
 async fn scrape(dir: &Path) -> anyhow::Result<Counts> {
-    Ok(parse(&metrics_text(dir).await?))
+    Ok(by_verb_resource(&metrics_text(dir).await?, "apiserver_request_total{"))
 }
 
 async fn metrics_text(dir: &Path) -> anyhow::Result<String> {
@@ -26,41 +26,70 @@ async fn metrics_text(dir: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// Watch events the apiserver sent so far, and their bytes, for Jobs and Pods (all watchers).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchTraffic {
-    /// Events.
-    pub events: f64,
-    /// Bytes.
-    pub bytes: f64,
+/// The apiserver's own counters at one moment: requests and the seconds spent serving them
+/// (by `VERB resource`, watch streams left out), and what it sent on watches of Jobs and pods
+/// (`Job events`, `Job bytes`, `Pod events`, `Pod bytes`; all watchers).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Requests.
+    pub requests: Counts,
+    /// Seconds spent serving them (wall time: a share of the apiserver's CPU, not all of it).
+    pub seconds: Counts,
+    /// Watch events and bytes by kind.
+    pub watch: Counts,
 }
 
-impl WatchTraffic {
+impl Snapshot {
     /// Reads the counters now.
-    pub async fn now(dir: &Path) -> anyhow::Result<WatchTraffic> {
+    pub async fn now(dir: &Path) -> anyhow::Result<Snapshot> {
         let text = metrics_text(dir).await?;
-        let sum = |metric: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(metric) && (l.contains("kind=\"Pod\"") || l.contains("kind=\"Job\"")))
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum()
-        };
-        Ok(WatchTraffic {
-            events: sum("apiserver_watch_events_total{"),
-            bytes: sum("apiserver_watch_events_sizes_sum{"),
+        let mut watch = Counts::new();
+        for (metric, what) in
+            [("apiserver_watch_events_total{", "events"), ("apiserver_watch_events_sizes_sum{", "bytes")]
+        {
+            for kind in ["Job", "Pod"] {
+                let sum = text
+                    .lines()
+                    .filter(|l| l.starts_with(metric) && l.contains(&format!("kind=\"{kind}\"")))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                    .sum();
+                watch.insert(format!("{kind} {what}"), sum);
+            }
+        }
+        Ok(Snapshot {
+            requests: by_verb_resource(&text, "apiserver_request_total{"),
+            seconds: by_verb_resource(&text, "apiserver_request_duration_seconds_sum{"),
+            watch,
         })
     }
 
-    /// What was sent since `before`.
-    pub fn since(self, before: WatchTraffic) -> WatchTraffic {
-        WatchTraffic { events: self.events - before.events, bytes: self.bytes - before.bytes }
+    /// What happened since `before`.
+    pub fn since(self, before: &Snapshot) -> Snapshot {
+        Snapshot {
+            requests: difference(&self.requests, &before.requests),
+            seconds: difference(&self.seconds, &before.seconds),
+            watch: difference(&self.watch, &before.watch),
+        }
+    }
+
+    /// Adds another run's counts.
+    pub fn add(&mut self, other: &Snapshot) {
+        for (sum, more) in [
+            (&mut self.requests, &other.requests),
+            (&mut self.seconds, &other.seconds),
+            (&mut self.watch, &other.watch),
+        ] {
+            for (k, v) in more {
+                *sum.entry(k.clone()).or_default() += v;
+            }
+        }
     }
 }
 
-/// Sums `apiserver_request_total` by verb and resource (watch streams are not requests/s).
-pub fn parse(text: &str) -> Counts {
+/// Sums one of the apiserver's request counters by verb and resource, watch streams left out.
+fn by_verb_resource(text: &str, metric: &str) -> Counts {
     let mut counts = Counts::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+    for line in text.lines().filter(|l| l.starts_with(metric)) {
         let Some((labels, value)) = line.rsplit_once(' ') else { continue };
         let label = |name: &str| {
             labels.split(&format!("{name}=\"")).nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("").to_string()

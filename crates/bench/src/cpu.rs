@@ -24,14 +24,45 @@ pub fn env_pid(dir: &std::path::Path, name: &str) -> Option<u32> {
 /// Waits (at most a minute) until the control plane and the broker have finished the previous
 /// phase's work: less than 8 % of a core each second, twice in a row. A measurement started
 /// while the garbage collector or etcd still digest the last namespace would be charged for it.
-pub async fn quiesce(dir: &std::path::Path) {
-    let mut calm = 0;
+/// Returns what each process used per second over those two calm seconds: its idle rate.
+pub async fn quiesce(dir: &std::path::Path) -> Idle {
+    let mut calm = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while calm < 2 && Instant::now() < deadline {
+    while calm.len() < 2 && Instant::now() < deadline {
         let before = CpuSample::take(dir, &[]);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let used = before.since(dir, &[])["total"].as_f64().unwrap_or(0.0);
-        calm = if used < 0.08 { calm + 1 } else { 0 };
+        let used = before.since(dir, &[]);
+        if used["total"].as_f64().unwrap_or(0.0) < 0.08 {
+            calm.push(used);
+        } else {
+            calm.clear();
+        }
+    }
+    let mut idle = Idle::default();
+    for second in &calm {
+        for (name, used) in second.as_object().into_iter().flatten().filter(|(n, _)| *n != "total") {
+            *idle.0.entry(name.clone()).or_default() += used.as_f64().unwrap_or(0.0) / calm.len().max(1) as f64;
+        }
+    }
+    idle
+}
+
+/// CPU seconds per second each process of the environment uses when nothing happens.
+#[derive(Debug, Clone, Default)]
+pub struct Idle(std::collections::BTreeMap<String, f64>);
+
+impl Idle {
+    /// `used` (CPU seconds by process over `seconds`) less what idling would have used.
+    pub fn subtract(&self, used: &serde_json::Value, seconds: f64) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let mut total = 0.0;
+        for (name, value) in used.as_object().into_iter().flatten().filter(|(n, _)| *n != "total") {
+            let busy = (value.as_f64().unwrap_or(0.0) - self.0.get(name).copied().unwrap_or(0.0) * seconds).max(0.0);
+            total += busy;
+            out.insert(name.clone(), json!((busy * 1000.0).round() / 1000.0));
+        }
+        out.insert("total".into(), json!((total * 1000.0).round() / 1000.0));
+        serde_json::Value::Object(out)
     }
 }
 

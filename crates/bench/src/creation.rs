@@ -11,11 +11,20 @@ use crate::{apiserver, cpu, load, pin, round, Args};
 /// One timed run: how long N Jobs took, the CPU seconds each process used meanwhile, and
 /// (for the worker) where a request's time went inside it.
 struct Run {
+    /// From the first create (or publish) until the last Job was seen.
     seconds: f64,
+    /// From the same start until every Job's pod was seen running.
+    to_running: f64,
+    /// CPU seconds by process until the last Job was seen.
     cpu: serde_json::Value,
+    /// CPU seconds by process until every pod ran and the environment was idle again, less
+    /// what idling would have used: what the Jobs cost, whenever it was spent.
+    whole_cpu: serde_json::Value,
     pipeline: serde_json::Value,
-    /// Jobs and pods the apiserver sent on all watches during the run.
-    watch: apiserver::WatchTraffic,
+    /// The apiserver's requests and watch traffic over the same span as `whole_cpu`.
+    apiserver: apiserver::Snapshot,
+    /// Its requests until the last Job was seen.
+    window: apiserver::Snapshot,
 }
 
 /// `--repeat` pairs of runs, a plain client and the worker, each creating `--burst` Jobs with
@@ -35,9 +44,11 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
     // A broker owned by another user may refuse; the figures say whether it was pinned.
     let broker_pinned = split && cpu::broker_pid().is_some_and(|pid| pinned.pin(pid, 1).is_ok());
     let cores = if split { "split" } else { "shared" };
-    let (mut runs, mut ratios, mut seconds) = (Vec::new(), Vec::new(), (0.0, 0.0));
+    let (mut runs, mut ratios, mut seconds, mut to_running) = (Vec::new(), Vec::new(), (0.0, 0.0), (0.0, 0.0));
     let (mut raw_cpu, mut worker_cpu) = (BTreeMap::new(), BTreeMap::new());
-    let (mut raw_watch, mut worker_watch) = (apiserver::WatchTraffic::default(), apiserver::WatchTraffic::default());
+    let (mut raw_whole, mut worker_whole) = (BTreeMap::new(), BTreeMap::new());
+    let (mut raw_api, mut worker_api) = (apiserver::Snapshot::default(), apiserver::Snapshot::default());
+    let (mut raw_window, mut worker_window) = (apiserver::Snapshot::default(), apiserver::Snapshot::default());
     for pair in 1..=args.repeat.max(1) {
         // Alternate which run goes first, so a drift over the pairs weighs on both alike.
         let (raw, worker) = if pair % 2 == 1 {
@@ -51,30 +62,63 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
         eprintln!("[bench] creation ({cores} cores, run {pair}): raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
         ratios.push(worker_rate / raw_rate);
         seconds = (seconds.0 + raw.seconds, seconds.1 + worker.seconds);
+        to_running = (to_running.0 + raw.to_running, to_running.1 + worker.to_running);
         runs.push(json!({"raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
-                         "ratio": round(worker_rate / raw_rate), "worker_pipeline": worker.pipeline}));
+                         "ratio": round(worker_rate / raw_rate), "worker_pipeline": worker.pipeline,
+                         "raw_to_running_s": round(raw.to_running), "worker_to_running_s": round(worker.to_running)}));
         add_cpu(&mut raw_cpu, &raw.cpu);
         add_cpu(&mut worker_cpu, &worker.cpu);
-        (raw_watch.events, raw_watch.bytes) = (raw_watch.events + raw.watch.events, raw_watch.bytes + raw.watch.bytes);
-        (worker_watch.events, worker_watch.bytes) =
-            (worker_watch.events + worker.watch.events, worker_watch.bytes + worker.watch.bytes);
+        add_cpu(&mut raw_whole, &raw.whole_cpu);
+        add_cpu(&mut worker_whole, &worker.whole_cpu);
+        raw_api.add(&raw.apiserver);
+        worker_api.add(&worker.apiserver);
+        raw_window.add(&raw.window);
+        worker_window.add(&worker.window);
     }
     // CPU milliseconds per Job, by process, over all runs.
     let jobs = (args.burst * args.repeat.max(1)) as f64;
     let per_job = |sum: BTreeMap<String, f64>| -> BTreeMap<String, f64> {
         sum.into_iter().map(|(name, s)| (name, round(s * 1000.0 / jobs))).collect()
     };
+    // Per Job, what the worker run asked of the apiserver beyond the plain client's run.
+    let beyond = |with: &apiserver::Counts, without: &apiserver::Counts, scale: f64| -> BTreeMap<String, f64> {
+        let keys: std::collections::BTreeSet<&String> = with.keys().chain(without.keys()).collect();
+        keys.into_iter()
+            .map(|k| {
+                let d = with.get(k).copied().unwrap_or(0.0) - without.get(k).copied().unwrap_or(0.0);
+                (k.clone(), (d * scale / jobs * 1000.0).round() / 1000.0)
+            })
+            .filter(|(_, v)| v.abs() >= 0.001)
+            .collect()
+    };
+    let apiserver_ratio = |raw: &BTreeMap<String, f64>, worker: &BTreeMap<String, f64>| {
+        let (r, w) =
+            (raw.get("kube-apiserver").copied().unwrap_or(0.0), worker.get("kube-apiserver").copied().unwrap_or(0.0));
+        round(w / r.max(1e-9))
+    };
     ratios.sort_by(f64::total_cmp);
     Ok(json!({"jobs": args.burst, "concurrency": args.concurrency, "cores": cores, "broker_pinned": broker_pinned,
               "ratio_worker_to_raw_median": round(ratios[ratios.len() / 2]),
               // All runs' Jobs over all runs' time, raw against worker.
               "ratio_pooled": round(seconds.0 / seconds.1),
+              // The same, until every Job's pod runs: the work a burst really asks of the
+              // control plane, the same in both runs.
+              "ratio_pooled_to_running": round(to_running.0 / to_running.1),
               "ratio_min": round(ratios[0]), "ratio_max": round(ratios[ratios.len() - 1]), "runs": runs,
+              "apiserver_cpu_worker_to_raw": apiserver_ratio(&raw_cpu, &worker_cpu),
+              "apiserver_cpu_worker_to_raw_whole": apiserver_ratio(&raw_whole, &worker_whole),
               "cpu_ms_per_job_raw_run": per_job(raw_cpu), "cpu_ms_per_job_worker_run": per_job(worker_cpu),
+              "cpu_ms_per_job_raw_run_whole": per_job(raw_whole), "cpu_ms_per_job_worker_run_whole": per_job(worker_whole),
               // What the apiserver sent on the worker's own watches: all watch traffic of the
-              // worker run beyond the raw run's (the controllers and sim-node watch in both).
-              "worker_watch_events_per_job": round((worker_watch.events - raw_watch.events) / jobs),
-              "worker_watch_bytes_per_job": round((worker_watch.bytes - raw_watch.bytes) / jobs)}))
+              // worker run beyond the raw run's (the controllers, sim-node and this benchmark
+              // watch in both), per Job, by kind.
+              "worker_watch_per_job": beyond(&worker_api.watch, &raw_api.watch, 1.0),
+              // Requests the worker run made beyond the raw run's, per Job, and the
+              // milliseconds the apiserver spent serving them.
+              "worker_requests_per_job": beyond(&worker_api.requests, &raw_api.requests, 1.0),
+              "worker_request_ms_per_job": beyond(&worker_api.seconds, &raw_api.seconds, 1000.0),
+              // Until the last Job was seen: pods the job controller made meanwhile show here.
+              "worker_requests_per_job_until_jobs_seen": beyond(&worker_window.requests, &raw_window.requests, 1.0)}))
 }
 
 /// Adds one run's CPU seconds by process to a running sum.
@@ -86,39 +130,72 @@ fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &serde_json::Value) {
 
 /// The plain client's run, in its own namespace.
 async fn raw_run(client: &kube::Client, args: &Args) -> anyhow::Result<Run> {
-    let me = std::process::id();
     let mut env = load::Env::new(client, args, "bench-raw").await?;
-    cpu::quiesce(&args.testenv_dir).await;
-    let watch = apiserver::WatchTraffic::now(&args.testenv_dir).await?;
-    let before = cpu::CpuSample::take(&args.testenv_dir, &[("client", me)]);
+    let procs = [("client", std::process::id())];
+    let meter = Meter::start(args, &procs).await?;
     let seconds = env.raw_creates(args.burst, args.concurrency).await?.as_secs_f64();
-    let cpu = before.since(&args.testenv_dir, &[("client", me)]);
-    let watch = apiserver::WatchTraffic::now(&args.testenv_dir).await?.since(watch);
+    let run = meter.finish(&env, args, seconds, serde_json::Value::Null).await?;
     env.finish().await;
-    Ok(Run { seconds, cpu, pipeline: serde_json::Value::Null, watch })
+    Ok(run)
 }
 
 /// The worker's run, in its own namespace with its own queues.
 async fn worker_run(client: &kube::Client, args: &Args, pinned: &mut pin::Pinned, split: bool) -> anyhow::Result<Run> {
-    let me = std::process::id();
     let mut env = load::Env::new(client, args, "bench-burst").await?;
     env.start_worker(args).await?;
     let worker_pid = env.worker_pid().unwrap_or(0);
     if split {
         pinned.pin(worker_pid, 1).context("pinning the worker")?;
     }
-    let procs = [("client", me), ("worker", worker_pid)];
-    cpu::quiesce(&args.testenv_dir).await;
-    let watch = apiserver::WatchTraffic::now(&args.testenv_dir).await?;
-    let before = cpu::CpuSample::take(&args.testenv_dir, &procs);
+    let procs = [("client", std::process::id()), ("worker", worker_pid)];
+    let meter = Meter::start(args, &procs).await?;
     let seconds = env.burst(args.burst).await?.as_secs_f64();
-    let cpu = before.since(&args.testenv_dir, &procs);
-    let watch = apiserver::WatchTraffic::now(&args.testenv_dir).await?.since(watch);
     // Where a request's time goes inside the worker (means from its own histograms).
     let pipeline = json!({
         "mean_delivery_to_job_ms": env.worker_metric_mean_ms("k8s_job_worker_request_to_job_seconds").await.map(round),
         "mean_publish_confirm_ms": env.worker_metric_mean_ms("k8s_job_worker_publish_confirm_seconds").await.map(round),
     });
+    let run = meter.finish(&env, args, seconds, pipeline).await?;
     env.finish().await;
-    Ok(Run { seconds, cpu, pipeline, watch })
+    Ok(run)
+}
+
+/// Measures one run from an idle environment: the CPU each process used until the last Job
+/// was seen, and over the Jobs' whole start (until every pod runs and the environment is idle
+/// again, less what idling would have used), and the apiserver's counters over the latter.
+struct Meter<'a> {
+    procs: &'a [(&'a str, u32)],
+    idle: cpu::Idle,
+    apiserver: apiserver::Snapshot,
+    cpu: cpu::CpuSample,
+    started: std::time::Instant,
+}
+
+impl<'a> Meter<'a> {
+    async fn start(args: &Args, procs: &'a [(&'a str, u32)]) -> anyhow::Result<Meter<'a>> {
+        let idle = cpu::quiesce(&args.testenv_dir).await;
+        let apiserver = apiserver::Snapshot::now(&args.testenv_dir).await?;
+        let cpu = cpu::CpuSample::take(&args.testenv_dir, procs);
+        Ok(Meter { procs, idle, apiserver, cpu, started: std::time::Instant::now() })
+    }
+
+    /// Called once the last Job was seen (`seconds` after the start).
+    async fn finish(
+        self,
+        env: &load::Env,
+        args: &Args,
+        seconds: f64,
+        pipeline: serde_json::Value,
+    ) -> anyhow::Result<Run> {
+        let dir = &args.testenv_dir;
+        let cpu = self.cpu.since(dir, self.procs);
+        let window = apiserver::Snapshot::now(dir).await?.since(&self.apiserver);
+        let running = env.wait_running(args.burst, std::time::Duration::from_secs(600)).await?;
+        let to_running = running.duration_since(self.started).as_secs_f64();
+        cpu::quiesce(dir).await;
+        let whole_seconds = self.started.elapsed().as_secs_f64();
+        let whole_cpu = self.idle.subtract(&self.cpu.since(dir, self.procs), whole_seconds);
+        let apiserver = apiserver::Snapshot::now(dir).await?.since(&self.apiserver);
+        Ok(Run { seconds, to_running, cpu, whole_cpu, pipeline, apiserver, window })
+    }
 }

@@ -271,12 +271,22 @@ impl Env {
             c.confirmed().await?;
         }
         self.held = self.held.max(m);
-        let deadline = Instant::now() + Duration::from_secs(1200);
-        while self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).running.len() < m {
+        self.wait_running(m, Duration::from_secs(1200)).await.map(|_| ())
+    }
+
+    /// Waits until the pods of `n` Jobs of this namespace were seen running; when the last one was.
+    pub async fn wait_running(&self, n: usize, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if seen.running.len() >= n {
+                    return Ok(seen.running.values().copied().max().unwrap_or_else(Instant::now));
+                }
+            }
             anyhow::ensure!(Instant::now() < deadline, "pods did not all start");
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(())
     }
 
     /// CPU time to decode one of this namespace's pods, as the apiserver sends it, into the full
@@ -347,5 +357,47 @@ impl Env {
         }
         let _ = self.galaxy.conn.close(200, "done".into()).await;
         drop_namespace_and_wait(&self.client, &self.ns, Duration::from_secs(600)).await;
+    }
+}
+
+impl Env {
+    /// What one of the worker's sweeps for waiting pods costs the control plane with this
+    /// namespace's Jobs held: the same list the worker makes (its label and field selectors,
+    /// through its own adapter), `rounds` times, consistently from etcd in pages and from the
+    /// apiserver's watch cache; CPU milliseconds of the apiserver and etcd and wall
+    /// milliseconds per list.
+    pub async fn sweep_cost(&self, dir: &std::path::Path, rounds: u32) -> anyhow::Result<serde_json::Value> {
+        use k8s_job_worker::k8s::jobs::{Jobs, JobsConfig, Read, WAITING_OR_FAILED_PODS};
+        let jobs = Jobs::new(
+            self.client.clone(),
+            JobsConfig {
+                namespace: self.ns.clone(),
+                trust_existing: true,
+                deletion_timeout: Duration::from_secs(60),
+                max_concurrent_creates: 1,
+            },
+        );
+        let selector = Settings::from_args(["--k8s-galaxy-instance-id", "bench"])?.job_defaults().naming.selector();
+        let mut out = serde_json::Map::new();
+        for (name, read) in [("latest_paged", Read::Latest), ("watch_cache", Read::Cached)] {
+            crate::cpu::quiesce(dir).await;
+            let procs: Vec<(&str, u32)> =
+                ["kube-apiserver", "etcd"].iter().filter_map(|n| Some((*n, crate::cpu::env_pid(dir, n)?))).collect();
+            let before: Vec<f64> = procs.iter().map(|(_, pid)| crate::cpu::cpu_seconds(*pid)).collect();
+            let (started, mut items) = (Instant::now(), 0);
+            for _ in 0..rounds {
+                jobs.each_pod_page(&selector, WAITING_OR_FAILED_PODS, read, |page| items += page.len()).await?;
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let mut figures = serde_json::Map::new();
+            for ((proc, pid), before) in procs.iter().zip(before) {
+                let ms = (crate::cpu::cpu_seconds(*pid) - before) * 1000.0 / f64::from(rounds);
+                figures.insert(format!("{proc}_cpu_ms"), json!(crate::round(ms)));
+            }
+            figures.insert("wall_ms".into(), json!(crate::round(wall * 1000.0 / f64::from(rounds))));
+            figures.insert("pods_returned".into(), json!(items / rounds as usize));
+            out.insert(name.into(), serde_json::Value::Object(figures));
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }

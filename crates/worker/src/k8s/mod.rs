@@ -1,7 +1,7 @@
 //! Kubernetes adapter: rendering planned Jobs (pure), object views (pure), API calls.
 
 pub mod client;
-pub(crate) mod jobs;
+pub mod jobs;
 pub mod render;
 pub(crate) mod view;
 pub mod watched;

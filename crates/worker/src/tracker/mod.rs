@@ -22,6 +22,7 @@ use crate::{
     error::Error,
     http::Health,
     k8s::{
+        jobs::{Read, STARTED_PODS, WAITING_OR_FAILED_PODS},
         view::pod_owner,
         watched::{WatchedJob, WatchedPod},
     },
@@ -35,11 +36,6 @@ enum Change {
     Job(Box<watcher::Event<WatchedJob>>),
     Pod(Box<watcher::Event<WatchedPod>>),
 }
-
-/// Pods are watched once they left `Pending`: running, ended, deleted. A pod's first events
-/// (created, bound, waiting for its image) are not sent to the worker at all; a Job whose
-/// pods wait is read now and then instead (see `state`).
-pub const STARTED_PODS: &str = "status.phase!=Pending";
 
 /// A label- (and field-) selected watch on one kind, its errors logged (the watcher retries
 /// with backoff); what it hears of the apiserver goes to `/readyz`.
@@ -163,9 +159,10 @@ pub async fn run(ctx: Arc<Context>) {
                     let due = state.pods_to_read();
                     if !due.is_empty() {
                         sweeping = true;
+                        let read = if state.read_from_cache(&due) { Read::Cached } else { Read::Latest };
                         let (ctx, tx) = (ctx.clone(), read_tx.clone());
                         tokio::spawn(async move {
-                            let _ = tx.send(sweep(&ctx, due).await).await;
+                            let _ = tx.send(sweep(&ctx, due, read).await).await;
                         });
                     }
                 }
@@ -185,9 +182,6 @@ pub async fn run(ctx: Arc<Context>) {
     while executors.join_next().await.is_some() {}
 }
 
-/// Pods neither running nor succeeded: waiting, or failed.
-pub const WAITING_OR_FAILED_PODS: &str = "status.phase!=Running,status.phase!=Succeeded";
-
 /// What one sweep read: the waiting or failed pods of each Job it was for (none: it has
 /// none), and for those without pods past the grace, the job controller's refusal if any.
 struct Sweep {
@@ -198,18 +192,18 @@ struct Sweep {
     took: Duration,
 }
 
-/// Reads the pods of the Jobs `due` in one paged list of the instance's waiting or failed
-/// pods (not a list per Job: each would make the apiserver filter every pod of the
-/// namespace), keeping only theirs; when a Job past the grace has none, one list of the
+/// Reads the pods of the Jobs `due` in one list of the instance's waiting or failed pods (not
+/// a list per Job: each would make the apiserver filter every pod of the namespace), served
+/// as `read` says, keeping only theirs; when a Job past the grace has none, one list of the
 /// namespace's `FailedCreate` events says which were refused.
-async fn sweep(ctx: &Context, due: Vec<DueRead>) -> Result<Sweep, Error> {
+async fn sweep(ctx: &Context, due: Vec<DueRead>, read: Read) -> Result<Sweep, Error> {
     let (at, started) = (jiff::Timestamp::now(), tokio::time::Instant::now());
     let past_grace: HashSet<String> = due.iter().filter(|d| d.past_grace).map(|d| d.uid.clone()).collect();
     let mut pods: HashMap<String, (Vec<WatchedPod>, Option<String>)> =
         due.into_iter().map(|d| (d.uid, (Vec::new(), None))).collect();
     let selector = ctx.defaults.naming.selector();
     ctx.jobs
-        .each_pod_page(&selector, WAITING_OR_FAILED_PODS, |page| {
+        .each_pod_page(&selector, WAITING_OR_FAILED_PODS, read, |page| {
             for pod in page {
                 if let Some((of_job, _)) = pod_owner(&pod).and_then(|uid| pods.get_mut(&uid)) {
                     of_job.push(pod);
@@ -246,7 +240,7 @@ async fn relist(ctx: &Context, state: &mut TrackerState) -> Vec<Report> {
     let mut reports = Vec::new();
     let listed = async {
         let apply_pods = |pods: Vec<WatchedPod>| reports.extend(pods.iter().filter_map(|p| state.apply_pod(p)));
-        ctx.jobs.each_pod_page(&selector, STARTED_PODS, apply_pods).await?;
+        ctx.jobs.each_pod_page(&selector, STARTED_PODS, Read::Latest, apply_pods).await?;
         let apply_jobs = |jobs: Vec<WatchedJob>| reports.extend(jobs.iter().filter_map(|j| state.apply_job(j)));
         ctx.jobs.each_job_page(&selector, apply_jobs).await
     };

@@ -5,7 +5,8 @@
 //! The pod watch sees only pods that left `Pending` (a field selector on `status.phase`):
 //! running, ended, deleted. A Job whose pods are not seen yet — most wait a second or two —
 //! has them read once in a while (after 2 s, then doubling up to once a minute; the tracker
-//! reads the pods of every Job due in one list), so pods that
+//! reads the pods of every Job due in one list, from the apiserver's watch cache while the
+//! answer is small and no Job's pod start grace has run out), so pods that
 //! cannot start (unschedulable, an image that will not pull, a container that cannot be
 //! created, none at all) are still known; a failed pod the Job counts and nobody saw makes a
 //! read due at once.
@@ -131,6 +132,10 @@ pub struct DueRead {
     pub past_grace: bool,
 }
 
+/// The most pods a sweep may expect and still read the apiserver's watch cache, which answers
+/// in one response (about 4.5 kB a pod): beyond, it lists page by page.
+pub const CACHED_READ_MAX: usize = 1000;
+
 /// The first read of a waiting Job's pods, after its creation.
 const FIRST_READ: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest wait between reads.
@@ -229,6 +234,21 @@ impl TrackerState {
             }
         }
         due
+    }
+
+    /// Whether a sweep for `due` may read the apiserver's watch cache rather than list
+    /// consistently from etcd. The cache is milliseconds behind, and serving from it spares the
+    /// apiserver reading and decoding every pod of the namespace (20,000 running ones to find
+    /// the few that wait); but it does not page, and it may miss a pod made a moment ago. So:
+    /// only when the answer is small (the waiting Jobs and the failed pods known, at most
+    /// [`CACHED_READ_MAX`]) and no Job due is past its pod start grace (a pod missing from
+    /// the read could fail it).
+    pub fn read_from_cache(&self, due: &[DueRead]) -> bool {
+        if due.iter().any(|d| d.past_grace) || self.probes.len() > CACHED_READ_MAX {
+            return false;
+        }
+        let failed = self.pods.values().flatten().filter(|p| p.phase == PodPhase::Failed).count();
+        self.probes.len() + failed <= CACHED_READ_MAX
     }
 
     /// The pods of a Job that have not started or failed, as read at `at` (every such pod it

@@ -547,3 +547,38 @@ fn a_pod_that_failed_before_it_ever_ran_makes_a_read_due_at_once() {
     s.apply_job(&failed);
     assert_eq!(s.pods_to_read().len(), 1, "the Job counts a failed pod nobody saw");
 }
+
+#[test]
+fn a_sweep_reads_the_watch_cache_only_while_the_answer_is_small_and_no_job_is_past_its_grace() {
+    let (set_clock, clock) = fixed_clock!();
+    set_clock(3);
+    let (mut s, job) = waiting_since_midnight(clock, 1);
+    s.apply_job(&job);
+    let due = s.pods_to_read();
+    assert_eq!(due.len(), 1);
+    assert!(s.read_from_cache(&due), "one young waiting Job: the cache answers");
+    // Past the pod start grace a missing pod fails the Job: only the newest state may say so.
+    set_clock(130);
+    let due = s.pods_to_read();
+    assert!(due[0].past_grace);
+    assert!(!s.read_from_cache(&due));
+    // The answer holds every waiting pod and every failed one: too many, and it is paged.
+    set_clock(3);
+    let (mut s, _) = waiting_since_midnight(clock, 1);
+    let young = |uid: String| {
+        let mut j = job.clone();
+        j.metadata.uid = Some(uid);
+        j
+    };
+    for i in 0..CACHED_READ_MAX - 1 {
+        s.apply_job(&young(format!("w{i}")));
+    }
+    let due = s.pods_to_read();
+    assert_eq!(due.len(), CACHED_READ_MAX - 1);
+    assert!(s.read_from_cache(&due));
+    s.apply_job(&young("f1".into()));
+    s.apply_pod(&pod("p1", "f1", "Failed", Some((1, "Error"))));
+    s.apply_job(&young("f2".into()));
+    s.apply_pod(&pod("p2", "f2", "Failed", Some((1, "Error"))));
+    assert!(!s.read_from_cache(&due), "{} waiting Jobs and 2 failed pods", CACHED_READ_MAX - 1);
+}
