@@ -464,8 +464,8 @@ pub enum Read {
     /// The newest state, from etcd (the apiserver reads and decodes every object of the
     /// namespace to filter them), page by page.
     Latest,
-    /// The apiserver's watch cache (`resourceVersion=0`): milliseconds behind, filtered in
-    /// memory, and in one response (a 1.20 apiserver ignores the page size there).
+    /// The apiserver's watch cache (`resourceVersion=0`, no page size): milliseconds behind,
+    /// filtered in memory, in one response.
     Cached,
 }
 
@@ -473,12 +473,14 @@ pub enum Read {
 pub const LIST_PAGE: u32 = 500;
 
 /// Lists in pages of [`LIST_PAGE`], following the continue tokens, handing each page to
-/// `each` (the pages are one consistent snapshot).
+/// `each` (the pages are one consistent snapshot); a [`Read::Cached`] list comes whole.
 async fn each_page<K>(api: &Api<K>, params: ListParams, mut each: impl FnMut(Vec<K>)) -> Result<()>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let mut params = params.limit(LIST_PAGE);
+    // kube leaves `resourceVersion=0` out beside a page size, which would send the list to etcd.
+    let cached = params.resource_version.as_deref() == Some("0");
+    let mut params = if cached { params } else { params.limit(LIST_PAGE) };
     loop {
         let list = api.list(&params).await.map_err(Error::kube("list"))?;
         each(list.items);
