@@ -121,7 +121,7 @@ impl Jobs {
     /// The Jobs matching `selector`, handed to `each` a page ([`LIST_PAGE`]) at a time, so
     /// a full list never holds every Job at once.
     pub async fn each_job_page(&self, selector: &str, each: impl FnMut(Vec<WatchedJob>)) -> Result<()> {
-        each_page(&self.watched, ListParams::default().labels(selector), each).await
+        each_page(&self.watched, ListParams::default().labels(selector).limit(LIST_PAGE), each).await
     }
 
     /// The pods matching `selector` and `fields`, handed to `each` a page at a time.
@@ -132,10 +132,12 @@ impl Jobs {
         read: Read,
         each: impl FnMut(Vec<WatchedPod>),
     ) -> Result<()> {
-        let mut params = ListParams::default().labels(selector).fields(fields);
-        if read == Read::Cached {
-            params.resource_version = Some("0".into());
-        }
+        let params = ListParams::default().labels(selector).fields(fields);
+        let params = match read {
+            Read::Latest => params.limit(LIST_PAGE),
+            // No page size: kube leaves `resourceVersion=0` out beside one (the list would go to etcd).
+            Read::Cached => ListParams { resource_version: Some("0".into()), ..params },
+        };
         each_page(&self.watched_pods, params, each).await
     }
 
@@ -401,7 +403,7 @@ impl Jobs {
     /// when a Job's wait for its first pod ran out; the worker watches no Events.
     pub async fn refusals(&self) -> Result<HashMap<String, String>> {
         let mut latest: HashMap<String, Event> = HashMap::new();
-        let params = ListParams::default().fields("involvedObject.kind=Job,reason=FailedCreate");
+        let params = ListParams::default().fields("involvedObject.kind=Job,reason=FailedCreate").limit(LIST_PAGE);
         each_page(&self.events, params, |page| {
             for event in page {
                 let Some(uid) = event.involved_object.uid.clone() else { continue };
@@ -472,22 +474,17 @@ pub enum Read {
 /// Objects a list page holds at most.
 pub const LIST_PAGE: u32 = 500;
 
-/// Lists in pages of [`LIST_PAGE`], following the continue tokens, handing each page to
-/// `each` (the pages are one consistent snapshot); a [`Read::Cached`] list comes whole.
-async fn each_page<K>(api: &Api<K>, params: ListParams, mut each: impl FnMut(Vec<K>)) -> Result<()>
+/// Lists in the pages `params` ask for, following the continue tokens, handing each page to
+/// `each` (the pages are one consistent snapshot).
+async fn each_page<K>(api: &Api<K>, mut params: ListParams, mut each: impl FnMut(Vec<K>)) -> Result<()>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    // kube leaves `resourceVersion=0` out beside a page size, which would send the list to etcd.
-    let cached = params.resource_version.as_deref() == Some("0");
-    let mut params = if cached { params } else { params.limit(LIST_PAGE) };
     loop {
         let list = api.list(&params).await.map_err(Error::kube("list"))?;
         each(list.items);
         match list.metadata.continue_.filter(|t| !t.is_empty()) {
-            // The token carries the list's resourceVersion (an apiserver that pages its cache
-            // refuses another beside it).
-            Some(token) => params = ListParams { resource_version: None, ..params.continue_token(&token) },
+            Some(token) => params = params.continue_token(&token),
             None => return Ok(()),
         }
     }
