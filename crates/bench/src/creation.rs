@@ -52,11 +52,11 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
     for pair in 1..=args.repeat.max(1) {
         // Alternate which run goes first, so a drift over the pairs weighs on both alike.
         let (raw, worker) = if pair % 2 == 1 {
-            let raw = raw_run(client, args).await?;
+            let raw = raw_run(client, args, 0).await?;
             (raw, worker_run(client, args, &mut pinned, split).await?)
         } else {
             let worker = worker_run(client, args, &mut pinned, split).await?;
-            (raw_run(client, args).await?, worker)
+            (raw_run(client, args, 0).await?, worker)
         };
         let (raw_rate, worker_rate) = (args.burst as f64 / raw.seconds, args.burst as f64 / worker.seconds);
         eprintln!("[bench] creation ({cores} cores, run {pair}): raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
@@ -121,6 +121,79 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
               "worker_requests_per_job_until_jobs_seen": beyond(&worker_window.requests, &raw_window.requests, 1.0)}))
 }
 
+/// What the worker's watches alone cost the apiserver, apart from everything else the worker
+/// does (its creates, the broker, its CPU on shared cores): `--repeat` pairs of plain-client
+/// runs on shared cores, alternating, one as in the creation test and one with
+/// `--watch-copies` copies of the worker's two watches open from before the first create to
+/// the end of the Jobs' whole start. The difference, divided by the copies, is what one
+/// worker's watches cost the apiserver per Job; the copies make it large enough to measure.
+pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let copies = args.watch_copies;
+    let (mut plain, mut watched) = (Sums::default(), Sums::default());
+    for pair in 1..=args.repeat.max(1) {
+        let (p, w) = if pair % 2 == 1 {
+            let p = raw_run(client, args, 0).await?;
+            (p, raw_run(client, args, copies).await?)
+        } else {
+            let w = raw_run(client, args, copies).await?;
+            (raw_run(client, args, 0).await?, w)
+        };
+        eprintln!(
+            "[bench] watch cost (pair {pair}): apiserver {:.2} ms per Job plain, {:.2} with {copies} copies of the worker's watches",
+            apiserver_seconds(&p.whole_cpu) * 1000.0 / args.burst as f64,
+            apiserver_seconds(&w.whole_cpu) * 1000.0 / args.burst as f64,
+        );
+        plain.add(&p);
+        watched.add(&w);
+    }
+    let jobs = (args.burst * args.repeat.max(1)) as f64;
+    let ms = |seconds: f64| seconds * 1000.0 / jobs;
+    let per_copy = |with: f64, without: f64| round((ms(with) - ms(without)) / copies as f64);
+    let (whole, window) = ((plain.whole_apiserver, watched.whole_apiserver), (plain.apiserver, watched.apiserver));
+    let watch_per_copy: BTreeMap<String, f64> = watched
+        .api
+        .watch
+        .iter()
+        .map(|(k, v)| (k.clone(), round((v - plain.api.watch.get(k).copied().unwrap_or(0.0)) / jobs / copies as f64)))
+        .filter(|(_, v)| v.abs() >= 0.01)
+        .collect();
+    Ok(json!({"jobs": args.burst, "pairs": args.repeat.max(1), "copies": copies, "cores": "shared",
+              // The apiserver's CPU per Job over the Jobs' whole start (idle subtracted).
+              "apiserver_ms_per_job_whole_plain": round(ms(whole.0)),
+              "apiserver_ms_per_job_whole_watched": round(ms(whole.1)),
+              "apiserver_ms_per_job_whole_one_copy": per_copy(whole.1, whole.0),
+              // The same until the last Job was seen.
+              "apiserver_ms_per_job_until_jobs_seen_plain": round(ms(window.0)),
+              "apiserver_ms_per_job_until_jobs_seen_watched": round(ms(window.1)),
+              "apiserver_ms_per_job_until_jobs_seen_one_copy": per_copy(window.1, window.0),
+              "watch_per_job_one_copy": watch_per_copy,
+              // Plain runs' time over watched runs' time, to the last Job seen.
+              "rate_watched_to_plain_pooled": round(plain.seconds / watched.seconds)}))
+}
+
+/// Running sums over the plain-client runs of one kind.
+#[derive(Default)]
+struct Sums {
+    seconds: f64,
+    apiserver: f64,
+    whole_apiserver: f64,
+    api: apiserver::Snapshot,
+}
+
+impl Sums {
+    fn add(&mut self, run: &Run) {
+        self.seconds += run.seconds;
+        self.apiserver += apiserver_seconds(&run.cpu);
+        self.whole_apiserver += apiserver_seconds(&run.whole_cpu);
+        self.api.add(&run.apiserver);
+    }
+}
+
+/// The apiserver's CPU seconds in one run's figures.
+fn apiserver_seconds(cpu: &serde_json::Value) -> f64 {
+    cpu.get("kube-apiserver").and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+}
+
 /// Adds one run's CPU seconds by process to a running sum.
 fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &serde_json::Value) {
     for (name, seconds) in cpu.as_object().into_iter().flatten() {
@@ -128,9 +201,11 @@ fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &serde_json::Value) {
     }
 }
 
-/// The plain client's run, in its own namespace.
-async fn raw_run(client: &kube::Client, args: &Args) -> anyhow::Result<Run> {
+/// The plain client's run, in its own namespace, with `watch_copies` copies of the
+/// worker's watches open on it.
+async fn raw_run(client: &kube::Client, args: &Args, watch_copies: usize) -> anyhow::Result<Run> {
     let mut env = load::Env::new(client, args, "bench-raw").await?;
+    env.watch_like_the_worker(watch_copies)?;
     let procs = [("client", std::process::id())];
     let meter = Meter::start(args, &procs).await?;
     let seconds = env.raw_creates(args.burst, args.concurrency).await?.as_secs_f64();

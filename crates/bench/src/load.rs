@@ -361,13 +361,10 @@ impl Env {
 }
 
 impl Env {
-    /// What one of the worker's sweeps for waiting pods costs the control plane with this
-    /// namespace's Jobs held: the same list the worker makes (its label and field selectors,
-    /// through its own adapter), `rounds` times, consistently from etcd in pages and from the
-    /// apiserver's watch cache; CPU milliseconds of the apiserver and etcd and wall
-    /// milliseconds per list.
-    pub async fn sweep_cost(&self, dir: &std::path::Path, rounds: u32) -> anyhow::Result<serde_json::Value> {
-        use k8s_job_worker::k8s::jobs::{Jobs, JobsConfig, Read, WAITING_OR_FAILED_PODS};
+    /// The worker's own Kubernetes adapter on this namespace, and the label selector of the
+    /// bench instance's Jobs (the raw run's Jobs carry the same labels).
+    fn workers_adapter(&self) -> anyhow::Result<(k8s_job_worker::k8s::jobs::Jobs, String)> {
+        use k8s_job_worker::k8s::jobs::{Jobs, JobsConfig};
         let jobs = Jobs::new(
             self.client.clone(),
             JobsConfig {
@@ -378,6 +375,35 @@ impl Env {
             },
         );
         let selector = Settings::from_args(["--k8s-galaxy-instance-id", "bench"])?.job_defaults().naming.selector();
+        Ok((jobs, selector))
+    }
+
+    /// Opens `copies` copies of the worker's two watches on this namespace (its Job watch and
+    /// its started-pod watch: the same selectors, through its own adapter, decoded slim as it
+    /// decodes them), which run until [`Env::finish`]: what watching alone costs the apiserver.
+    pub fn watch_like_the_worker(&mut self, copies: usize) -> anyhow::Result<()> {
+        use k8s_job_worker::k8s::jobs::STARTED_PODS;
+        let (jobs, selector) = self.workers_adapter()?;
+        for _ in 0..copies {
+            let config = watcher::Config::default().labels(&selector);
+            let job_watch = watcher(jobs.watched_jobs(), config.clone()).default_backoff();
+            self.watches.push(tokio::spawn(job_watch.for_each(|_| async {})));
+            let pod_watch = watcher(jobs.watched_pods(), config.fields(STARTED_PODS)).default_backoff();
+            self.watches.push(tokio::spawn(pod_watch.for_each(|_| async {})));
+        }
+        Ok(())
+    }
+}
+
+impl Env {
+    /// What one of the worker's sweeps for waiting pods costs the control plane with this
+    /// namespace's Jobs held: the same list the worker makes (its label and field selectors,
+    /// through its own adapter), `rounds` times, consistently from etcd in pages and from the
+    /// apiserver's watch cache; CPU milliseconds of the apiserver and etcd and wall
+    /// milliseconds per list.
+    pub async fn sweep_cost(&self, dir: &std::path::Path, rounds: u32) -> anyhow::Result<serde_json::Value> {
+        use k8s_job_worker::k8s::jobs::{Read, WAITING_OR_FAILED_PODS};
+        let (jobs, selector) = self.workers_adapter()?;
         let mut out = serde_json::Map::new();
         for (name, read) in [("latest_paged", Read::Latest), ("watch_cache", Read::Cached)] {
             crate::cpu::quiesce(dir).await;

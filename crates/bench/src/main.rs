@@ -41,12 +41,18 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// How the creation runs share the CPUs: `shared` (every process on every core), `split`
-    /// (control plane on core 0; this client, the worker and the broker on core 1), or `both`.
+    /// (control plane on core 0; this client, the worker and the broker on core 1), `both`, or
+    /// `none`.
     #[arg(long, value_enum, default_value = "both")]
     cores: Cores,
     /// Raw / worker run pairs per CPU arrangement (the ratio reported is their median).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Copies of the worker's watches opened on a plain client's run to measure what
+    /// watching alone costs the apiserver (section 7, `--repeat` pairs on shared cores; 0: no
+    /// such test).
+    #[arg(long, default_value_t = 0)]
+    watch_copies: usize,
     /// The worker binary to measure (default: the one built beside this benchmark), e.g. an
     /// earlier build for an A/B comparison on the same machine.
     #[arg(long)]
@@ -71,6 +77,8 @@ pub enum Cores {
     Split,
     /// Both, one after the other.
     Both,
+    /// No creation pairs (e.g. to measure only what watching costs, `--watch-copies`).
+    None,
 }
 
 /// p50 / p99 / max of a sample, in milliseconds.
@@ -104,11 +112,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     figures.insert("machine", json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
 
     // 1. Creation throughput: the worker vs a plain client, same concurrency.
-    if args.burst > 0 && args.cores != Cores::Split {
+    if args.burst > 0 && matches!(args.cores, Cores::Shared | Cores::Both) {
         figures.insert("1_creation_shared_cores", creation::creation(&client, &args, false).await?);
     }
-    if args.burst > 0 && args.cores != Cores::Shared && figures["machine"]["cpus"].as_u64().unwrap_or(0) >= 2 {
+    if args.burst > 0
+        && matches!(args.cores, Cores::Split | Cores::Both)
+        && figures["machine"]["cpus"].as_u64().unwrap_or(0) >= 2
+    {
         figures.insert("1_creation_split_cores", creation::creation(&client, &args, true).await?);
+    }
+
+    // 7. What the worker's watches alone cost the apiserver.
+    if args.burst > 0 && args.watch_copies > 0 {
+        figures.insert("7_watch_cost", creation::watch_cost(&client, &args).await?);
     }
 
     // 2. Latency at low load.
