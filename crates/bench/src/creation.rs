@@ -130,6 +130,8 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
 pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<serde_json::Value> {
     let copies = args.watch_copies;
     let (mut plain, mut watched) = (Sums::default(), Sums::default());
+    // Each pair's apiserver CPU per Job over the whole start, plain and watched.
+    let mut pairs = Vec::new();
     for pair in 1..=args.repeat.max(1) {
         let (p, w) = if pair % 2 == 1 {
             let p = raw_run(client, args, 0).await?;
@@ -138,11 +140,12 @@ pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<se
             let w = raw_run(client, args, copies).await?;
             (raw_run(client, args, 0).await?, w)
         };
+        let per_job = |run: &Run| apiserver_seconds(&run.whole_cpu) * 1000.0 / args.burst as f64;
+        let (p_ms, w_ms) = (per_job(&p), per_job(&w));
         eprintln!(
-            "[bench] watch cost (pair {pair}): apiserver {:.2} ms per Job plain, {:.2} with {copies} copies of the worker's watches",
-            apiserver_seconds(&p.whole_cpu) * 1000.0 / args.burst as f64,
-            apiserver_seconds(&w.whole_cpu) * 1000.0 / args.burst as f64,
+            "[bench] watch cost (pair {pair}): apiserver {p_ms:.2} ms per Job plain, {w_ms:.2} with {copies} copies of the worker's watches"
         );
+        pairs.push((p_ms, w_ms));
         plain.add(&p);
         watched.add(&w);
     }
@@ -157,11 +160,18 @@ pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<se
         .map(|(k, v)| (k.clone(), round((v - plain.api.watch.get(k).copied().unwrap_or(0.0)) / jobs / copies as f64)))
         .filter(|(_, v)| v.abs() >= 0.01)
         .collect();
+    // The standard error of one copy's cost, from the spread of the pairs' differences.
+    let n = pairs.len() as f64;
+    let diffs: Vec<f64> = pairs.iter().map(|(p, w)| (w - p) / copies as f64).collect();
+    let mean = diffs.iter().sum::<f64>() / n;
+    let variance = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
     Ok(json!({"jobs": args.burst, "pairs": args.repeat.max(1), "copies": copies, "cores": "shared",
               // The apiserver's CPU per Job over the Jobs' whole start (idle subtracted).
               "apiserver_ms_per_job_whole_plain": round(ms(whole.0)),
               "apiserver_ms_per_job_whole_watched": round(ms(whole.1)),
               "apiserver_ms_per_job_whole_one_copy": per_copy(whole.1, whole.0),
+              "apiserver_ms_per_job_whole_one_copy_standard_error": round((variance / n).sqrt()),
+              "apiserver_ms_per_job_whole_by_pair": pairs.iter().map(|(p, w)| json!({"plain": round(*p), "watched": round(*w)})).collect::<Vec<_>>(),
               // The same until the last Job was seen.
               "apiserver_ms_per_job_until_jobs_seen_plain": round(ms(window.0)),
               "apiserver_ms_per_job_until_jobs_seen_watched": round(ms(window.1)),
