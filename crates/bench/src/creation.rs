@@ -27,10 +27,22 @@ struct Run {
     window: apiserver::Snapshot,
 }
 
+/// What makes a run's Jobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// The plain client, with this many copies of the worker's watches open.
+    Plain(usize),
+    /// The worker.
+    Worker,
+    /// The relay in this process ([`load::Env::relay_burst`]).
+    Relay,
+}
+
 /// `--repeat` pairs of runs, a plain client and the worker, each creating `--burst` Jobs with
-/// the same concurrency. With `split`, the control plane runs on core 0 and everything on
-/// the client side (this process, the worker, the broker) on core 1, in both runs alike: the
-/// apiserver gets the same CPU whoever calls it.
+/// the same concurrency; with `--relay`, triples with a relay's run ([`load::Env::relay_burst`]).
+/// With `split`, the control plane runs on core 0 and everything on the client side (this
+/// process, the worker, the broker) on core 1, in every run alike: the apiserver gets the same
+/// CPU whoever calls it.
 pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow::Result<serde_json::Value> {
     let mut pinned = pin::Pinned::default();
     if split {
@@ -44,81 +56,80 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
     // A broker owned by another user may refuse; the figures say whether it was pinned.
     let broker_pinned = split && cpu::broker_pid().is_some_and(|pid| pinned.pin(pid, 1).is_ok());
     let cores = if split { "split" } else { "shared" };
-    let (mut runs, mut ratios, mut seconds, mut to_running) = (Vec::new(), Vec::new(), (0.0, 0.0), (0.0, 0.0));
-    let (mut raw_cpu, mut worker_cpu) = (BTreeMap::new(), BTreeMap::new());
-    let (mut raw_whole, mut worker_whole) = (BTreeMap::new(), BTreeMap::new());
-    let (mut raw_api, mut worker_api) = (apiserver::Snapshot::default(), apiserver::Snapshot::default());
-    let (mut raw_window, mut worker_window) = (apiserver::Snapshot::default(), apiserver::Snapshot::default());
+    let mut kinds = vec![Kind::Plain(0), Kind::Worker];
+    if args.relay {
+        kinds.push(Kind::Relay);
+    }
+    let mut totals: Vec<Totals> = kinds.iter().map(|_| Totals::default()).collect();
+    let (mut runs, mut ratios) = (Vec::new(), Vec::new());
     for pair in 1..=args.repeat.max(1) {
-        // Alternate which run goes first, so a drift over the pairs weighs on both alike.
-        let (raw, worker) = if pair % 2 == 1 {
-            let raw = raw_run(client, args, 0).await?;
-            (raw, worker_run(client, args, &mut pinned, split).await?)
-        } else {
-            let worker = worker_run(client, args, &mut pinned, split).await?;
-            (raw_run(client, args, 0).await?, worker)
-        };
-        let (raw_rate, worker_rate) = (args.burst as f64 / raw.seconds, args.burst as f64 / worker.seconds);
-        eprintln!("[bench] creation ({cores} cores, run {pair}): raw {raw_rate:.0}/s, worker {worker_rate:.0}/s");
-        ratios.push(worker_rate / raw_rate);
-        seconds = (seconds.0 + raw.seconds, seconds.1 + worker.seconds);
-        to_running = (to_running.0 + raw.to_running, to_running.1 + worker.to_running);
-        runs.push(json!({"raw_jobs_per_s": round(raw_rate), "worker_jobs_per_s": round(worker_rate),
-                         "ratio": round(worker_rate / raw_rate), "worker_pipeline": worker.pipeline,
-                         "raw_to_running_s": round(raw.to_running), "worker_to_running_s": round(worker.to_running)}));
-        add_cpu(&mut raw_cpu, &raw.cpu);
-        add_cpu(&mut worker_cpu, &worker.cpu);
-        add_cpu(&mut raw_whole, &raw.whole_cpu);
-        add_cpu(&mut worker_whole, &worker.whole_cpu);
-        raw_api.add(&raw.apiserver);
-        worker_api.add(&worker.apiserver);
-        raw_window.add(&raw.window);
-        worker_window.add(&worker.window);
+        let done = runs_of(pair, &kinds, client, args, &mut pinned, split).await?;
+        let rates: Vec<f64> = done.iter().map(|run| args.burst as f64 / run.seconds).collect();
+        let relay = rates.get(2).map(|r| format!(", relay {r:.0}/s")).unwrap_or_default();
+        eprintln!(
+            "[bench] creation ({cores} cores, run {pair}): raw {:.0}/s, worker {:.0}/s{relay}",
+            rates[0], rates[1]
+        );
+        ratios.push(rates[1] / rates[0]);
+        let (raw, worker) = (&done[0], &done[1]);
+        let mut figures = json!({"raw_jobs_per_s": round(rates[0]), "worker_jobs_per_s": round(rates[1]),
+                                 "ratio": round(rates[1] / rates[0]), "worker_pipeline": worker.pipeline,
+                                 "raw_to_running_s": round(raw.to_running), "worker_to_running_s": round(worker.to_running)});
+        if let Some(relay) = done.get(2) {
+            figures["relay_jobs_per_s"] = json!(round(rates[2]));
+            figures["relay_to_running_s"] = json!(round(relay.to_running));
+        }
+        runs.push(figures);
+        for (total, run) in totals.iter_mut().zip(&done) {
+            total.add(run);
+        }
     }
     // CPU milliseconds per Job, by process, over all runs.
     let jobs = (args.burst * args.repeat.max(1)) as f64;
-    let per_job = |sum: BTreeMap<String, f64>| -> BTreeMap<String, f64> {
-        sum.into_iter().map(|(name, s)| (name, round(s * 1000.0 / jobs))).collect()
+    let per_job = |sum: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+        sum.iter().map(|(name, s)| (name.clone(), round(s * 1000.0 / jobs))).collect()
     };
     // Per Job, what the worker run asked of the apiserver beyond the plain client's run.
-    let beyond = |with: &apiserver::Counts, without: &apiserver::Counts, scale: f64| -> BTreeMap<String, f64> {
-        let keys: std::collections::BTreeSet<&String> = with.keys().chain(without.keys()).collect();
-        keys.into_iter()
-            .map(|k| {
-                let d = with.get(k).copied().unwrap_or(0.0) - without.get(k).copied().unwrap_or(0.0);
-                (k.clone(), (d * scale / jobs * 1000.0).round() / 1000.0)
-            })
-            .filter(|(_, v)| v.abs() >= 0.001)
-            .collect()
-    };
-    let apiserver_ratio = |raw: &BTreeMap<String, f64>, worker: &BTreeMap<String, f64>| {
-        let (r, w) =
-            (raw.get("kube-apiserver").copied().unwrap_or(0.0), worker.get("kube-apiserver").copied().unwrap_or(0.0));
-        round(w / r.max(1e-9))
+    let beyond =
+        |with: &apiserver::Counts, without: &apiserver::Counts, scale: f64| per_job_beyond(with, without, scale / jobs);
+    let apiserver_ratio = |raw: &BTreeMap<String, f64>, other: &BTreeMap<String, f64>| {
+        round(apiserver_seconds(other) / apiserver_seconds(raw).max(1e-9))
     };
     ratios.sort_by(f64::total_cmp);
-    Ok(json!({"jobs": args.burst, "concurrency": args.concurrency, "cores": cores, "broker_pinned": broker_pinned,
+    let (raw, worker) = (&totals[0], &totals[1]);
+    let mut figures = json!({"jobs": args.burst, "concurrency": args.concurrency, "cores": cores, "broker_pinned": broker_pinned,
               "ratio_worker_to_raw_median": round(ratios[ratios.len() / 2]),
               // All runs' Jobs over all runs' time, raw against worker.
-              "ratio_pooled": round(seconds.0 / seconds.1),
+              "ratio_pooled": round(raw.seconds / worker.seconds),
               // The same, until every Job's pod runs: the work a burst really asks of the
               // control plane, the same in both runs.
-              "ratio_pooled_to_running": round(to_running.0 / to_running.1),
+              "ratio_pooled_to_running": round(raw.to_running / worker.to_running),
               "ratio_min": round(ratios[0]), "ratio_max": round(ratios[ratios.len() - 1]), "runs": runs,
-              "apiserver_cpu_worker_to_raw": apiserver_ratio(&raw_cpu, &worker_cpu),
-              "apiserver_cpu_worker_to_raw_whole": apiserver_ratio(&raw_whole, &worker_whole),
-              "cpu_ms_per_job_raw_run": per_job(raw_cpu), "cpu_ms_per_job_worker_run": per_job(worker_cpu),
-              "cpu_ms_per_job_raw_run_whole": per_job(raw_whole), "cpu_ms_per_job_worker_run_whole": per_job(worker_whole),
+              "apiserver_cpu_worker_to_raw": apiserver_ratio(&raw.cpu, &worker.cpu),
+              "apiserver_cpu_worker_to_raw_whole": apiserver_ratio(&raw.whole, &worker.whole),
+              "cpu_ms_per_job_raw_run": per_job(&raw.cpu), "cpu_ms_per_job_worker_run": per_job(&worker.cpu),
+              "cpu_ms_per_job_raw_run_whole": per_job(&raw.whole), "cpu_ms_per_job_worker_run_whole": per_job(&worker.whole),
               // What the apiserver sent on the worker's own watches: all watch traffic of the
               // worker run beyond the raw run's (the controllers, sim-node and this benchmark
               // watch in both), per Job, by kind.
-              "worker_watch_per_job": beyond(&worker_api.watch, &raw_api.watch, 1.0),
+              "worker_watch_per_job": beyond(&worker.api.watch, &raw.api.watch, 1.0),
               // Requests the worker run made beyond the raw run's, per Job, and the
               // milliseconds the apiserver spent serving them.
-              "worker_requests_per_job": beyond(&worker_api.requests, &raw_api.requests, 1.0),
-              "worker_request_ms_per_job": beyond(&worker_api.seconds, &raw_api.seconds, 1000.0),
+              "worker_requests_per_job": beyond(&worker.api.requests, &raw.api.requests, 1.0),
+              "worker_request_ms_per_job": beyond(&worker.api.seconds, &raw.api.seconds, 1000.0),
               // Until the last Job was seen: pods the job controller made meanwhile show here.
-              "worker_requests_per_job_until_jobs_seen": beyond(&worker_window.requests, &raw_window.requests, 1.0)}))
+              "worker_requests_per_job_until_jobs_seen": beyond(&worker.window.requests, &raw.window.requests, 1.0)});
+    if let Some(relay) = totals.get(2) {
+        // The relay keeps the message contract and does nothing else: relay / raw is the most
+        // any worker that keeps it could reach here, worker / relay what the rest costs.
+        figures["ratio_pooled_relay_to_raw"] = json!(round(raw.seconds / relay.seconds));
+        figures["ratio_pooled_worker_to_relay"] = json!(round(relay.seconds / worker.seconds));
+        figures["ratio_pooled_to_running_relay_to_raw"] = json!(round(raw.to_running / relay.to_running));
+        figures["apiserver_cpu_relay_to_raw_whole"] = json!(apiserver_ratio(&raw.whole, &relay.whole));
+        figures["cpu_ms_per_job_relay_run"] = json!(per_job(&relay.cpu));
+        figures["cpu_ms_per_job_relay_run_whole"] = json!(per_job(&relay.whole));
+    }
+    Ok(figures)
 }
 
 /// What the worker's watches alone cost the apiserver, apart from everything else the worker
@@ -129,37 +140,27 @@ pub async fn creation(client: &kube::Client, args: &Args, split: bool) -> anyhow
 /// worker's watches cost the apiserver per Job; the copies make it large enough to measure.
 pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<serde_json::Value> {
     let copies = args.watch_copies;
-    let (mut plain, mut watched) = (Sums::default(), Sums::default());
+    let (mut plain, mut watched) = (Totals::default(), Totals::default());
     // Each pair's apiserver CPU per Job over the whole start, plain and watched.
     let mut pairs = Vec::new();
+    let mut unpinned = pin::Pinned::default();
     for pair in 1..=args.repeat.max(1) {
-        let (p, w) = if pair % 2 == 1 {
-            let p = raw_run(client, args, 0).await?;
-            (p, raw_run(client, args, copies).await?)
-        } else {
-            let w = raw_run(client, args, copies).await?;
-            (raw_run(client, args, 0).await?, w)
-        };
-        let per_job = |run: &Run| apiserver_seconds(&run.whole_cpu) * 1000.0 / args.burst as f64;
-        let (p_ms, w_ms) = (per_job(&p), per_job(&w));
+        let kinds = [Kind::Plain(0), Kind::Plain(copies)];
+        let done = runs_of(pair, &kinds, client, args, &mut unpinned, false).await?;
+        let per_job = |run: &Run| apiserver_seconds(&cpu_map(&run.whole_cpu)) * 1000.0 / args.burst as f64;
+        let (p_ms, w_ms) = (per_job(&done[0]), per_job(&done[1]));
         eprintln!(
             "[bench] watch cost (pair {pair}): apiserver {p_ms:.2} ms per Job plain, {w_ms:.2} with {copies} copies of the worker's watches"
         );
         pairs.push((p_ms, w_ms));
-        plain.add(&p);
-        watched.add(&w);
+        plain.add(&done[0]);
+        watched.add(&done[1]);
     }
     let jobs = (args.burst * args.repeat.max(1)) as f64;
-    let ms = |seconds: f64| seconds * 1000.0 / jobs;
-    let per_copy = |with: f64, without: f64| round((ms(with) - ms(without)) / copies as f64);
-    let (whole, window) = ((plain.whole_apiserver, watched.whole_apiserver), (plain.apiserver, watched.apiserver));
-    let watch_per_copy: BTreeMap<String, f64> = watched
-        .api
-        .watch
-        .iter()
-        .map(|(k, v)| (k.clone(), round((v - plain.api.watch.get(k).copied().unwrap_or(0.0)) / jobs / copies as f64)))
-        .filter(|(_, v)| v.abs() >= 0.01)
-        .collect();
+    let ms = |cpu: &BTreeMap<String, f64>| apiserver_seconds(cpu) * 1000.0 / jobs;
+    let per_copy = |with: f64, without: f64| round((with - without) / copies as f64);
+    let (whole, window) = ((ms(&plain.whole), ms(&watched.whole)), (ms(&plain.cpu), ms(&watched.cpu)));
+    let watch_per_copy = per_job_beyond(&watched.api.watch, &plain.api.watch, 1.0 / jobs / copies as f64);
     // The standard error of one copy's cost, from the spread of the pairs' differences.
     let n = pairs.len() as f64;
     let diffs: Vec<f64> = pairs.iter().map(|(p, w)| (w - p) / copies as f64).collect();
@@ -167,41 +168,98 @@ pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<se
     let variance = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
     Ok(json!({"jobs": args.burst, "pairs": args.repeat.max(1), "copies": copies, "cores": "shared",
               // The apiserver's CPU per Job over the Jobs' whole start (idle subtracted).
-              "apiserver_ms_per_job_whole_plain": round(ms(whole.0)),
-              "apiserver_ms_per_job_whole_watched": round(ms(whole.1)),
+              "apiserver_ms_per_job_whole_plain": round(whole.0),
+              "apiserver_ms_per_job_whole_watched": round(whole.1),
               "apiserver_ms_per_job_whole_one_copy": per_copy(whole.1, whole.0),
               "apiserver_ms_per_job_whole_one_copy_standard_error": round((variance / n).sqrt()),
               "apiserver_ms_per_job_whole_by_pair": pairs.iter().map(|(p, w)| json!({"plain": round(*p), "watched": round(*w)})).collect::<Vec<_>>(),
               // The same until the last Job was seen.
-              "apiserver_ms_per_job_until_jobs_seen_plain": round(ms(window.0)),
-              "apiserver_ms_per_job_until_jobs_seen_watched": round(ms(window.1)),
+              "apiserver_ms_per_job_until_jobs_seen_plain": round(window.0),
+              "apiserver_ms_per_job_until_jobs_seen_watched": round(window.1),
               "apiserver_ms_per_job_until_jobs_seen_one_copy": per_copy(window.1, window.0),
               "watch_per_job_one_copy": watch_per_copy,
               // Plain runs' time over watched runs' time, to the last Job seen.
               "rate_watched_to_plain_pooled": round(plain.seconds / watched.seconds)}))
 }
 
-/// Running sums over the plain-client runs of one kind.
+/// Running sums over the runs of one kind.
 #[derive(Default)]
-struct Sums {
+struct Totals {
+    /// Seconds until the last Job was seen.
     seconds: f64,
-    apiserver: f64,
-    whole_apiserver: f64,
+    /// Seconds until the last pod was seen running.
+    to_running: f64,
+    /// CPU seconds by process until the last Job was seen.
+    cpu: BTreeMap<String, f64>,
+    /// CPU seconds by process over the Jobs' whole start.
+    whole: BTreeMap<String, f64>,
+    /// The apiserver's counters over the whole start.
     api: apiserver::Snapshot,
+    /// The same until the last Job was seen.
+    window: apiserver::Snapshot,
 }
 
-impl Sums {
+impl Totals {
     fn add(&mut self, run: &Run) {
         self.seconds += run.seconds;
-        self.apiserver += apiserver_seconds(&run.cpu);
-        self.whole_apiserver += apiserver_seconds(&run.whole_cpu);
+        self.to_running += run.to_running;
+        add_cpu(&mut self.cpu, &run.cpu);
+        add_cpu(&mut self.whole, &run.whole_cpu);
         self.api.add(&run.apiserver);
+        self.window.add(&run.window);
     }
 }
 
-/// The apiserver's CPU seconds in one run's figures.
-fn apiserver_seconds(cpu: &serde_json::Value) -> f64 {
-    cpu.get("kube-apiserver").and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+/// The order in which pair number `pair` (from 1) makes its `n` runs: rotated by one per pair,
+/// so that a drift over the pairs weighs on every kind alike.
+fn rotation(pair: usize, n: usize) -> impl Iterator<Item = usize> {
+    let first = pair.saturating_sub(1) % n.max(1);
+    (0..n).map(move |i| (first + i) % n)
+}
+
+/// One pair's (or triple's) runs, made in [`rotation`] order, returned in `kinds`' order.
+async fn runs_of(
+    pair: usize,
+    kinds: &[Kind],
+    client: &kube::Client,
+    args: &Args,
+    pinned: &mut pin::Pinned,
+    split: bool,
+) -> anyhow::Result<Vec<Run>> {
+    let mut done: Vec<Option<Run>> = kinds.iter().map(|_| None).collect();
+    for i in rotation(pair, kinds.len()) {
+        done[i] = Some(match kinds[i] {
+            Kind::Plain(watch_copies) => raw_run(client, args, watch_copies).await?,
+            Kind::Worker => worker_run(client, args, pinned, split).await?,
+            Kind::Relay => relay_run(client, args).await?,
+        });
+    }
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// `(with − without) × scale` for every key of either, to three decimals, leaving out what
+/// rounds to nothing: e.g. per Job, what one run asked of the apiserver beyond another.
+fn per_job_beyond(with: &apiserver::Counts, without: &apiserver::Counts, scale: f64) -> BTreeMap<String, f64> {
+    let keys: std::collections::BTreeSet<&String> = with.keys().chain(without.keys()).collect();
+    keys.into_iter()
+        .map(|k| {
+            let d = with.get(k).copied().unwrap_or(0.0) - without.get(k).copied().unwrap_or(0.0);
+            (k.clone(), (d * scale * 1000.0).round() / 1000.0)
+        })
+        .filter(|(_, v)| v.abs() >= 0.001)
+        .collect()
+}
+
+/// The apiserver's CPU seconds in CPU seconds by process.
+fn apiserver_seconds(cpu: &BTreeMap<String, f64>) -> f64 {
+    cpu.get("kube-apiserver").copied().unwrap_or(0.0)
+}
+
+/// One run's CPU seconds by process, as a map.
+fn cpu_map(cpu: &serde_json::Value) -> BTreeMap<String, f64> {
+    let mut map = BTreeMap::new();
+    add_cpu(&mut map, cpu);
+    map
 }
 
 /// Adds one run's CPU seconds by process to a running sum.
@@ -219,6 +277,17 @@ async fn raw_run(client: &kube::Client, args: &Args, watch_copies: usize) -> any
     let procs = [("client", std::process::id())];
     let meter = Meter::start(args, &procs).await?;
     let seconds = env.raw_creates(args.burst, args.concurrency).await?.as_secs_f64();
+    let run = meter.finish(&env, args, seconds, serde_json::Value::Null).await?;
+    env.finish().await;
+    Ok(run)
+}
+
+/// The relay's run (in this process), in its own namespace with its own queues.
+async fn relay_run(client: &kube::Client, args: &Args) -> anyhow::Result<Run> {
+    let mut env = load::Env::new(client, args, "bench-relay").await?;
+    let procs = [("client", std::process::id())];
+    let meter = Meter::start(args, &procs).await?;
+    let seconds = env.relay_burst(args).await?.as_secs_f64();
     let run = meter.finish(&env, args, seconds, serde_json::Value::Null).await?;
     env.finish().await;
     Ok(run)
@@ -282,5 +351,34 @@ impl<'a> Meter<'a> {
         let whole_cpu = self.idle.subtract(&self.cpu.since(dir, self.procs), whole_seconds);
         let apiserver = apiserver::Snapshot::now(dir).await?.since(&self.apiserver);
         Ok(Run { seconds, to_running, cpu, whole_cpu, pipeline, apiserver, window })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beyond_is_the_scaled_difference_over_both_maps_keys() {
+        let with: apiserver::Counts = [("Job".to_string(), 3000.0), ("Pod".to_string(), 1000.0)].into();
+        let without: apiserver::Counts = [("Job".to_string(), 1000.0), ("Lease".to_string(), 2.0)].into();
+        let per_job = per_job_beyond(&with, &without, 1.0 / 1000.0);
+        assert_eq!(per_job, [("Job".to_string(), 2.0), ("Pod".to_string(), 1.0), ("Lease".to_string(), -0.002)].into());
+        assert!(per_job_beyond(&with, &with, 1.0).is_empty(), "nothing beyond itself");
+    }
+
+    #[test]
+    fn every_kind_goes_first_in_turn() {
+        let orders: Vec<Vec<usize>> = (1..=4).map(|pair| rotation(pair, 3).collect()).collect();
+        assert_eq!(orders, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+        let pairs: Vec<Vec<usize>> = (1..=2).map(|pair| rotation(pair, 2).collect()).collect();
+        assert_eq!(pairs, [[0, 1], [1, 0]], "pairs alternate");
+    }
+
+    #[test]
+    fn the_apiserver_entry_is_read_from_a_runs_cpu() {
+        let cpu = json!({"kube-apiserver": 1.5, "etcd": 0.25});
+        assert_eq!(apiserver_seconds(&cpu_map(&cpu)), 1.5);
+        assert_eq!(apiserver_seconds(&cpu_map(&json!(null))), 0.0);
     }
 }

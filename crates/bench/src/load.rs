@@ -182,13 +182,7 @@ impl Env {
 
     /// A plain client creating `n` equivalent Jobs with `concurrency` creates in flight.
     pub async fn raw_creates(&mut self, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
-        let defaults = Settings::from_args([
-            "--k8s-galaxy-instance-id",
-            "bench",
-            "--policy-allowed-metadata-prefixes",
-            SIM_NODE_ANNOTATIONS,
-        ])?
-        .job_defaults();
+        let defaults = job_defaults()?;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.ns);
         let specs: Vec<Job> = (0..n)
             .map(|i| {
@@ -226,6 +220,83 @@ impl Env {
         eprintln!("[bench] {n} requests published and confirmed in {:.2} s", started.elapsed().as_secs_f64());
         let last = self.wait_jobs(n, Duration::from_secs(600)).await?;
         Ok(last.duration_since(started))
+    }
+
+    /// The same burst, with the Jobs made by a relay in this process instead of the worker:
+    /// the least any worker that keeps the message contract has to do. Through the worker's
+    /// own adapters (its consumer with the worker's prefetch, its create with `concurrency`
+    /// creates in flight, its confirmed publish) each request is parsed and planned, its Job
+    /// created, its `submitted` event confirmed, and only then acked — and nothing else: no
+    /// tracking, no watches, no `running` events, no retries, metrics or health.
+    pub async fn relay_burst(&mut self, args: &Args) -> anyhow::Result<Duration> {
+        use k8s_job_worker::{
+            amqp::{
+                broker::Broker,
+                consumer::{consume, Subscription},
+            },
+            domain::{
+                event::{JobState, Reporter, Subject},
+                job::fingerprint,
+            },
+            k8s::jobs::{Jobs, JobsConfig},
+            shutdown::Shutdown,
+        };
+        let settings = self.names.settings(&args.amqp_url);
+        let broker = Arc::new(Broker::new(settings.clone(), "bench relay".into()));
+        let config = JobsConfig {
+            namespace: self.ns.clone(),
+            trust_existing: true,
+            deletion_timeout: Duration::from_secs(60),
+            max_concurrent_creates: args.concurrency,
+        };
+        let jobs = Arc::new(Jobs::new(self.client.clone(), config));
+        let defaults = Arc::new(job_defaults()?);
+        let reporter = Arc::new(Reporter { instance_id: Some("bench".into()), worker_id: "relay".into() });
+        let (stop, publisher) = (Shutdown::new(), broker.clone());
+        let relay = move |delivery: lapin::message::Delivery| {
+            let (broker, jobs, defaults, reporter) =
+                (publisher.clone(), jobs.clone(), defaults.clone(), reporter.clone());
+            async move {
+                let relayed = async {
+                    let request = parse_request(&delivery.data, 1 << 20)?;
+                    let plan = plan_job(&request, &defaults)?;
+                    let fingerprint = fingerprint(&request);
+                    let owner = defaults.naming.owner(&request.job_id, request.attempt);
+                    jobs.create_or_adopt(&render::job(&plan, jobs.namespace()), &owner, &fingerprint).await?;
+                    let subject = Subject {
+                        job_id: &request.job_id,
+                        attempt: request.attempt,
+                        job_name: &plan.name,
+                        fingerprint: &fingerprint,
+                    };
+                    let mut event = reporter.event(&subject, JobState::Submitted, format!("job {} created", plan.name));
+                    event.published_at = jiff::Timestamp::now().to_string();
+                    broker.publish_event(&event).await?;
+                    Ok::<_, anyhow::Error>(())
+                };
+                match relayed.await {
+                    Ok(()) => {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    }
+                    Err(err) => {
+                        eprintln!("[bench] relay: {err:#}; requeued");
+                        let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    }
+                }
+            }
+        };
+        let subscription = Subscription {
+            queue: settings.request_queue.clone(),
+            prefetch: u16::try_from(2 * args.concurrency).unwrap_or(u16::MAX),
+            tag: "relay".into(),
+            grace: Duration::from_secs(10),
+        };
+        let consuming = tokio::spawn(consume(broker.clone(), subscription, stop.clone(), relay));
+        let took = self.burst(args.burst).await;
+        stop.trigger();
+        let _ = consuming.await;
+        broker.close().await;
+        took
     }
 
     /// One request at a time: publish → Job seen, and pod terminal seen → terminal event received.
@@ -358,6 +429,13 @@ impl Env {
         let _ = self.galaxy.conn.close(200, "done".into()).await;
         drop_namespace_and_wait(&self.client, &self.ns, Duration::from_secs(600)).await;
     }
+}
+
+/// The Job defaults the benchmark's worker runs with (its instance id, sim-node's annotations
+/// allowed), for the runs that make the worker's Jobs without it.
+fn job_defaults() -> anyhow::Result<k8s_job_worker::domain::job::JobDefaults> {
+    let args = ["--k8s-galaxy-instance-id", "bench", "--policy-allowed-metadata-prefixes", SIM_NODE_ANNOTATIONS];
+    Ok(Settings::from_args(args)?.job_defaults())
 }
 
 impl Env {

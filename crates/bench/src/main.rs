@@ -53,6 +53,12 @@ pub struct Args {
     /// such test).
     #[arg(long, default_value_t = 0)]
     watch_copies: usize,
+    /// Adds a third run to every creation pair: a relay in this process that keeps the
+    /// message contract through the worker's own adapters (consume, create, confirmed
+    /// `submitted` event, ack) and does nothing else — the most any worker that keeps the
+    /// contract could reach on these cores.
+    #[arg(long)]
+    relay: bool,
     /// The worker binary to measure (default: the one built beside this benchmark), e.g. an
     /// earlier build for an A/B comparison on the same machine.
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! RabbitMQ adapter: connection and topology, confirmed publishing, consuming.
 
 pub mod broker;
-pub(crate) mod consumer;
+pub mod consumer;
 pub mod publisher;
