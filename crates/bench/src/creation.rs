@@ -16,10 +16,10 @@ struct Run {
     /// From the same start until every Job's pod was seen running.
     to_running: f64,
     /// CPU seconds by process until the last Job was seen.
-    cpu: serde_json::Value,
+    cpu: BTreeMap<String, f64>,
     /// CPU seconds by process until every pod ran and the environment was idle again, less
     /// what idling would have used: what the Jobs cost, whenever it was spent.
-    whole_cpu: serde_json::Value,
+    whole_cpu: BTreeMap<String, f64>,
     pipeline: serde_json::Value,
     /// The apiserver's requests and watch traffic over the same span as `whole_cpu`.
     apiserver: apiserver::Snapshot,
@@ -28,7 +28,7 @@ struct Run {
 }
 
 /// What makes a run's Jobs.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy)]
 enum Kind {
     /// The plain client, with this many copies of the worker's watches open.
     Plain(usize),
@@ -147,7 +147,7 @@ pub async fn watch_cost(client: &kube::Client, args: &Args) -> anyhow::Result<se
     for pair in 1..=args.repeat.max(1) {
         let kinds = [Kind::Plain(0), Kind::Plain(copies)];
         let done = runs_of(pair, &kinds, client, args, &mut unpinned, false).await?;
-        let per_job = |run: &Run| apiserver_seconds(&cpu_map(&run.whole_cpu)) * 1000.0 / args.burst as f64;
+        let per_job = |run: &Run| apiserver_seconds(&run.whole_cpu) * 1000.0 / args.burst as f64;
         let (p_ms, w_ms) = (per_job(&done[0]), per_job(&done[1]));
         eprintln!(
             "[bench] watch cost (pair {pair}): apiserver {p_ms:.2} ms per Job plain, {w_ms:.2} with {copies} copies of the worker's watches"
@@ -255,17 +255,15 @@ fn apiserver_seconds(cpu: &BTreeMap<String, f64>) -> f64 {
     cpu.get("kube-apiserver").copied().unwrap_or(0.0)
 }
 
-/// One run's CPU seconds by process, as a map.
+/// CPU seconds by process, as [`cpu`] reports them, as a map.
 fn cpu_map(cpu: &serde_json::Value) -> BTreeMap<String, f64> {
-    let mut map = BTreeMap::new();
-    add_cpu(&mut map, cpu);
-    map
+    cpu.as_object().into_iter().flatten().map(|(name, s)| (name.clone(), s.as_f64().unwrap_or(0.0))).collect()
 }
 
 /// Adds one run's CPU seconds by process to a running sum.
-fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &serde_json::Value) {
-    for (name, seconds) in cpu.as_object().into_iter().flatten() {
-        *sum.entry(name.clone()).or_default() += seconds.as_f64().unwrap_or(0.0);
+fn add_cpu(sum: &mut BTreeMap<String, f64>, cpu: &BTreeMap<String, f64>) {
+    for (name, seconds) in cpu {
+        *sum.entry(name.clone()).or_default() += seconds;
     }
 }
 
@@ -342,13 +340,13 @@ impl<'a> Meter<'a> {
         pipeline: serde_json::Value,
     ) -> anyhow::Result<Run> {
         let dir = &args.testenv_dir;
-        let cpu = self.cpu.since(dir, self.procs);
+        let cpu = cpu_map(&self.cpu.since(dir, self.procs));
         let window = apiserver::Snapshot::now(dir).await?.since(&self.apiserver);
         let running = env.wait_running(args.burst, std::time::Duration::from_secs(600)).await?;
         let to_running = running.duration_since(self.started).as_secs_f64();
         cpu::quiesce(dir).await;
         let whole_seconds = self.started.elapsed().as_secs_f64();
-        let whole_cpu = self.idle.subtract(&self.cpu.since(dir, self.procs), whole_seconds);
+        let whole_cpu = cpu_map(&self.idle.subtract(&self.cpu.since(dir, self.procs), whole_seconds));
         let apiserver = apiserver::Snapshot::now(dir).await?.since(&self.apiserver);
         Ok(Run { seconds, to_running, cpu, whole_cpu, pipeline, apiserver, window })
     }
