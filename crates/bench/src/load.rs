@@ -270,8 +270,7 @@ impl Env {
                         fingerprint: &fingerprint,
                     };
                     let mut event = reporter.event(&subject, JobState::Submitted, format!("job {} created", plan.name));
-                    event.published_at = jiff::Timestamp::now().to_string();
-                    broker.publish_event(&event).await?;
+                    broker.publish_event(&mut event).await?;
                     Ok::<_, anyhow::Error>(())
                 };
                 match relayed.await {

@@ -47,8 +47,7 @@ async fn resubmit(ctx: &Context, intent: JobResubmit) -> Result<(), Error> {
 
 /// One attempt: a failure goes back to the delivery's own retry.
 async fn publish(ctx: &Context, mut event: JobEvent) -> Result<(), Error> {
-    event.published_at = jiff::Timestamp::now().to_string();
-    let confirm = ctx.broker.publish_event(&event).await?;
+    let confirm = ctx.broker.publish_event(&mut event).await?;
     ctx.metrics.observe(Observation::EventPublished { event: &event, confirm, since_transition: None });
     Ok(())
 }

@@ -49,8 +49,7 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
     };
     let subject = Subject { job_id: &request.job_id, attempt: request.attempt, job_name: &name, fingerprint };
     let mut event = ctx.reporter.event(&subject, state, reason);
-    event.published_at = jiff::Timestamp::now().to_string();
-    let confirm = ctx.broker.publish_event(&event).await?;
+    let confirm = ctx.broker.publish_event(&mut event).await?;
     ctx.metrics.observe(Observation::EventPublished { event: &event, confirm, since_transition: None });
     ctx.metrics.observe(Observation::RequestAccepted { job_id: &request.job_id, job_name: &name, action, to_job });
     Ok(())
@@ -73,8 +72,7 @@ async fn answer_from_record(
         Subject { job_id: &request.job_id, attempt: request.attempt, job_name: name, fingerprint: &meta.fingerprint };
     let mut event = ctx.reporter.event(&subject, outcome.state, outcome.reason);
     event.exit_code = outcome.exit_code;
-    event.published_at = jiff::Timestamp::now().to_string();
-    let confirm = ctx.broker.publish_event(&event).await?;
+    let confirm = ctx.broker.publish_event(&mut event).await?;
     ctx.metrics.observe(Observation::EventPublished { event: &event, confirm, since_transition: None });
     let action = JobAction::AlreadyFinished;
     ctx.metrics.observe(Observation::RequestAccepted {

@@ -107,15 +107,18 @@ impl Broker {
         result
     }
 
-    /// Publishes a result event to the result exchange.
-    pub async fn publish_event(&self, event: &JobEvent) -> Result<Duration> {
+    /// Publishes a result event to the result exchange, stamped with the moment it is sent
+    /// (`published_at`, and the message's timestamp).
+    pub async fn publish_event(&self, event: &mut JobEvent) -> Result<Duration> {
+        let now = jiff::Timestamp::now();
+        event.published_at = now.to_string();
         let body = serde_json::to_vec(event)?;
         let routing_key = event_routing_key(event);
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(event.event_id.clone().into())
             .with_type("k8s-job-worker.job-event.v1".into())
-            .with_timestamp(jiff::Timestamp::now().as_second().max(0) as u64);
+            .with_timestamp(now.as_second().max(0) as u64);
         self.publish(Outgoing {
             exchange: &self.settings().result_exchange,
             routing_key: &routing_key,
@@ -139,8 +142,7 @@ impl Broker {
     ) -> bool {
         let attempt = || {
             let mut event = event.clone();
-            event.published_at = jiff::Timestamp::now().to_string();
-            async move { self.publish_event(&event).await.map(|confirm| (confirm, event)) }
+            async move { self.publish_event(&mut event).await.map(|confirm| (confirm, event)) }
         };
         let unpublished: &JobEvent = event;
         let failed =
