@@ -3,6 +3,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
+COPY src ./src
+COPY tools ./tools
 RUN cargo build --release --locked -p k8s-job-worker --bin k8s-job-worker \
  && strip target/release/k8s-job-worker
 

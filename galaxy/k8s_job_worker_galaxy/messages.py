@@ -275,13 +275,15 @@ EVENT_ACTIONS: dict[str, tuple[Action, Optional[str], Optional[str]]] = {
     "node_lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "The node running the job was lost"),
     "lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Kubernetes job was lost"),
     "cancelled": (Action.NOTHING, None, None),
+    # no Job of the job exists (the answer to a status request): not a verdict
+    "unknown": (Action.NOTHING, None, None),
 }
 
 
 #: Every state the worker reports (``JobState`` in ``schemas/job-event.v1.json``).
 EVENT_STATES = frozenset(EVENT_ACTIONS)
 #: States after which the worker reports nothing more for that Job generation.
-TERMINAL_STATES = EVENT_STATES - {"submitted", "running"}
+TERMINAL_STATES = EVENT_STATES - {"submitted", "running", "unknown"}
 
 
 def decide(event: Event, exit_code_file_exists: bool = False) -> Decision:

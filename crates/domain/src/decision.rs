@@ -4,8 +4,8 @@
 use std::{str::FromStr, time::Duration};
 
 use crate::{
-    event::JobState,
     outcome::{JobMeta, Outcome},
+    state::JobState,
     FormatError,
 };
 
@@ -108,25 +108,19 @@ pub enum Cleanup {
     /// Mark it reported now, delete it and its pods after this delay ([`Rules::pods_grace`];
     /// its TTL says the same, so Kubernetes deletes it even when no worker is left to).
     MarkThenDeleteAfter(Duration),
-    /// After this delay, [`Cleanup::Delete`].
-    DeleteAfter(Duration),
     /// Keep it as it is, marked reported (a restarted worker does not report it again).
     MarkReported,
     /// Turn it into a record of its outcome: the Job object stays, out of the tracker's
-    /// watch, until the record expires; its pods go [`Rules::pods_grace`] later.
+    /// watch, until the record expires; its pods go [`Rules::pods_grace`] later. A Job someone
+    /// else is deleting is let go, and a record is created under its name once it went.
     Record,
-    /// After this delay, [`Cleanup::Record`].
-    RecordAfter(Duration),
+    /// Mark it reported now, [`Cleanup::Record`] after this delay.
+    MarkThenRecordAfter(Duration),
     /// It is gone already (deleted by its TTL, or by someone else): create a record of its
     /// outcome under its name.
     CreateRecord,
-    /// Someone else is deleting it and the worker's finalizer holds it: mark it reported and
-    /// let it go.
+    /// Someone else is deleting it: mark it reported and let it go (no records are kept).
     Release,
-    /// Someone else is deleting it and the worker's finalizer holds it: turn it into a record
-    /// of its outcome that the finalizer keeps until the record expires (its name is never
-    /// free meanwhile, so a repeated request is answered, never run again).
-    RecordHeld,
 }
 
 /// Where a Job object stands when its report is carried out.
@@ -134,7 +128,7 @@ pub enum Cleanup {
 pub enum Presence {
     /// It is there.
     Here,
-    /// Someone else deleted it; the worker's finalizer keeps it until its outcome is reported.
+    /// Someone else is deleting it (it goes once nothing holds it).
     Deleting,
     /// It is gone.
     Gone,
@@ -143,7 +137,7 @@ pub enum Presence {
 impl Presence {
     /// Where the Job of `meta` stands; `exists`: its object was there at the last sight.
     pub fn of(exists: bool, meta: &JobMeta) -> Self {
-        match (exists, meta.deleting && meta.held) {
+        match (exists, meta.deleting) {
             (false, _) => Presence::Gone,
             (true, true) => Presence::Deleting,
             (true, false) => Presence::Here,
@@ -152,14 +146,19 @@ impl Presence {
 }
 
 /// What to do about one report, in order: stop the Job making pods, resubmit it later, or
-/// publish the event and then clean up.
+/// claim the outcome on the Job, publish the event and then clean up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     /// Stop the Job from making more pods first (a retry is pointless or harmful).
     pub stop: bool,
     /// Run it again as a new Job after this delay instead of reporting it.
     pub resubmit_after: Option<Duration>,
-    /// Publish the event (a cancel's event was published by the cancel itself).
+    /// Claim the outcome on the Job before publishing it: one write, conditional on the Job
+    /// being as classified, that a cancel racing the report cannot pass (nor the claim a
+    /// cancel that came first), and that holds the Job with the worker's finalizer until the
+    /// event is out (seconds): no one can remove it from under its report.
+    pub claim: bool,
+    /// Publish the event.
     pub publish: bool,
     /// After the publish is confirmed.
     pub cleanup: Cleanup,
@@ -171,11 +170,19 @@ pub fn plan(outcome: &Outcome, presence: Presence, resubmissions: u32, rules: &R
     let state = outcome.state;
     let record = rules.record_for.is_some();
     if state == JobState::Cancelled {
-        // The Job is already stopped; removing it at once could let a replica whose watch is
-        // re-listing miss the cancel mark and, on taking over, report `lost`.
+        // The cancel mark is the claim; its event is published here, once, and marked. The Job
+        // is stopped already; it becomes a record only after a grace: removing it at once could
+        // let a replica whose watch is re-listing miss the cancel mark and report `lost`.
         let grace = rules.cancelled_grace;
-        let cleanup = if record { Cleanup::RecordAfter(grace) } else { Cleanup::DeleteAfter(grace) };
-        return Plan { stop: false, resubmit_after: None, publish: false, cleanup };
+        let cleanup = match (presence, record) {
+            (Presence::Here, true) => Cleanup::MarkThenRecordAfter(grace),
+            (Presence::Here, false) => Cleanup::MarkThenDeleteAfter(grace),
+            (Presence::Deleting, true) => Cleanup::Record,
+            (Presence::Deleting, false) => Cleanup::Release,
+            (Presence::Gone, true) => Cleanup::CreateRecord,
+            (Presence::Gone, false) => Cleanup::Keep,
+        };
+        return Plan { stop: false, resubmit_after: None, claim: false, publish: true, cleanup };
     }
     // These states end a Job that would otherwise go on (one being deleted goes anyway).
     let exists = presence == Presence::Here;
@@ -184,7 +191,7 @@ pub fn plan(outcome: &Outcome, presence: Presence, resubmissions: u32, rules: &R
     if let (true, true, Some(delay)) = (preempted, exists, rules.resubmit_preempted_after) {
         if resubmissions < rules.max_resubmissions {
             // Not the tool's fault: run it again later instead of reporting it.
-            return Plan { stop, resubmit_after: Some(delay), publish: false, cleanup: Cleanup::Keep };
+            return Plan { stop, resubmit_after: Some(delay), claim: false, publish: false, cleanup: Cleanup::Keep };
         }
     }
     // A Job that cannot start is removed whatever the cleanup policy: it would wait forever,
@@ -199,14 +206,15 @@ pub fn plan(outcome: &Outcome, presence: Presence, resubmissions: u32, rules: &R
         (false, _, _, _) => Cleanup::Keep,
         (true, Presence::Gone, _, true) => Cleanup::CreateRecord,
         (true, Presence::Gone, _, false) => Cleanup::Keep,
-        (true, Presence::Deleting, _, true) => Cleanup::RecordHeld,
+        (true, Presence::Deleting, _, true) => Cleanup::Record,
         (true, Presence::Deleting, _, false) => Cleanup::Release,
         (true, Presence::Here, true, true) => Cleanup::Record,
         (true, Presence::Here, true, false) if cannot_start => Cleanup::Delete,
         (true, Presence::Here, true, false) => Cleanup::MarkThenDeleteAfter(rules.pods_grace),
         (true, Presence::Here, false, _) => Cleanup::MarkReported,
     };
-    Plan { stop, resubmit_after: None, publish: true, cleanup }
+    let claim = exists && state.is_terminal();
+    Plan { stop, resubmit_after: None, claim, publish: true, cleanup }
 }
 
 /// Whether a report should be re-classified with its pods as they are now: the Job watch can
@@ -273,15 +281,16 @@ mod tests {
         assert_eq!(p(JobState::Lost, false, CleanupPolicy::Never), Cleanup::CreateRecord);
         assert_eq!(p(JobState::Running, true, CleanupPolicy::Always), Cleanup::Keep);
         let cancelled = plan(JobState::Cancelled, true, 0, &Rules::default()).cleanup;
-        assert_eq!(cancelled, Cleanup::RecordAfter(Duration::from_secs(15)), "a cancelled job never runs again either");
+        let later = Cleanup::MarkThenRecordAfter(Duration::from_secs(15));
+        assert_eq!(cancelled, later, "a cancelled job never runs again either");
     }
 
     #[test]
-    fn a_job_someone_else_deletes_is_let_go_only_after_its_report_and_record() {
+    fn item5_a_job_someone_else_deletes_is_reported_let_go_and_recorded_once_gone() {
         let p = |state, rules: &Rules| super::plan(&Outcome::new(state, "", None), Presence::Deleting, 0, rules);
         let plan = p(JobState::Succeeded, &Rules::default());
-        assert_eq!((plan.publish, plan.cleanup), (true, Cleanup::RecordHeld));
-        assert_eq!(p(JobState::Lost, &Rules::default()).cleanup, Cleanup::RecordHeld);
+        assert_eq!((plan.publish, plan.claim, plan.cleanup), (true, false, Cleanup::Record));
+        assert_eq!(p(JobState::Lost, &Rules::default()).cleanup, Cleanup::Record);
         let no_records = Rules { record_for: None, ..Rules::default() };
         assert_eq!(p(JobState::Failed, &no_records).cleanup, Cleanup::Release);
         let resubmitting = Rules { resubmit_preempted_after: Some(Duration::from_secs(1)), ..Rules::default() };
@@ -291,12 +300,20 @@ mod tests {
     }
 
     #[test]
-    fn presence_follows_the_deletion_mark_and_the_finalizer() {
-        let meta = |deleting, held| JobMeta { deleting, held, ..JobMeta::default() };
-        assert_eq!(Presence::of(true, &meta(true, true)), Presence::Deleting);
-        assert_eq!(Presence::of(true, &meta(true, false)), Presence::Here, "not held: the old way, gone soon");
-        assert_eq!(Presence::of(true, &meta(false, true)), Presence::Here);
-        assert_eq!(Presence::of(false, &meta(true, true)), Presence::Gone);
+    fn item3_a_terminal_outcome_is_claimed_on_its_job_before_it_is_published() {
+        let claim = |state, presence| super::plan(&Outcome::new(state, "", None), presence, 0, &Rules::default()).claim;
+        assert!(claim(JobState::Succeeded, Presence::Here) && claim(JobState::OomKilled, Presence::Here));
+        assert!(!claim(JobState::Running, Presence::Here), "only an outcome is claimed");
+        assert!(!claim(JobState::Cancelled, Presence::Here), "the cancel mark is its claim");
+        assert!(!claim(JobState::Succeeded, Presence::Deleting) && !claim(JobState::Lost, Presence::Gone));
+    }
+
+    #[test]
+    fn presence_follows_the_deletion_mark() {
+        let meta = |deleting| JobMeta { deleting, ..JobMeta::default() };
+        assert_eq!(Presence::of(true, &meta(true)), Presence::Deleting);
+        assert_eq!(Presence::of(true, &meta(false)), Presence::Here);
+        assert_eq!(Presence::of(false, &meta(true)), Presence::Gone);
     }
 
     #[test]
@@ -320,9 +337,11 @@ mod tests {
     }
 
     #[test]
-    fn a_cancel_is_cleaned_up_later_and_not_published_again() {
+    fn item3_a_cancel_is_published_by_the_reporter_once_marked_and_cleaned_up_later() {
         let p = plan(JobState::Cancelled, true, 0, &Rules { record_for: None, ..Rules::default() });
-        assert_eq!((p.publish, p.cleanup), (false, Cleanup::DeleteAfter(Duration::from_secs(15))));
+        assert_eq!((p.publish, p.cleanup), (true, Cleanup::MarkThenDeleteAfter(Duration::from_secs(15))));
+        let gone = plan(JobState::Cancelled, false, 0, &Rules::default());
+        assert_eq!((gone.publish, gone.cleanup), (true, Cleanup::CreateRecord), "deleted before it was reported");
     }
 
     #[test]

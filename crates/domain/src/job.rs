@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    event::JobState,
     keys::{
         ANN_ATTEMPT, ANN_CANCELLED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REASON, ANN_RECORD_UNTIL,
         ANN_REPORTED, LABEL_APP, LABEL_INSTANCE, LABEL_JOB_ID, LABEL_RECORD, MANAGED_BY,
@@ -18,6 +17,7 @@ use crate::{
     policy::{self, Asked, Policy},
     request::JobRequest,
     resources::{Resource, ResourceValue},
+    state::JobState,
     ValidationError,
 };
 
@@ -162,7 +162,11 @@ impl Default for JobDefaults {
             pvcs: Vec::new(),
             ttl_seconds_after_finished: None,
             tombstone_seconds: 86_400,
-            policy: Policy { allowed_shells: vec!["/bin/bash".into(), "/bin/sh".into()], ..Policy::default() },
+            policy: Policy {
+                allowed_shells: vec!["/bin/bash".into(), "/bin/sh".into()],
+                allow_unprefixed_metadata: true,
+                ..Policy::default()
+            },
         }
     }
 }
@@ -224,10 +228,6 @@ pub struct JobPlan {
     pub affinity: Option<serde_json::Value>,
     /// Priority class.
     pub priority_class: Option<String>,
-    /// Whether the Job carries the worker's [`FINALIZER`](crate::keys::FINALIZER): a job's own
-    /// Job does, so no one can remove it before its outcome is reported; tombstones and
-    /// records do not.
-    pub held: bool,
 }
 
 /// Fingerprint of a request: equal requests give equal fingerprints.
@@ -336,6 +336,8 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
             priority_class: request.priority_class.as_deref(),
             labels: Some(&request.labels),
             annotations: Some(&request.annotations),
+            run_as_user: request.run_as_user,
+            run_as_group: request.run_as_group,
         })
         .map_err(|v| ValidationError::Policy { rule: v.rule, detail: v.detail })?;
 
@@ -384,7 +386,6 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
         tolerations: defaults.tolerations.iter().chain(&request.tolerations).cloned().collect(),
         affinity: defaults.affinity.clone(),
         priority_class: request.priority_class.clone().or_else(|| defaults.priority_class.clone()),
-        held: true,
         name,
     })
 }
@@ -423,7 +424,6 @@ pub fn plan_tombstone(defaults: &JobDefaults, job_id: &str, attempt: Option<u32>
         tolerations: Vec::new(),
         affinity: None,
         priority_class: None,
-        held: false,
         name,
     }
 }
@@ -443,7 +443,19 @@ pub struct Record<'a> {
     pub until: String,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    /// A record of `state` kept `keep_for` from `now`.
+    pub fn kept(
+        state: JobState,
+        exit_code: Option<i32>,
+        reason: &'a str,
+        keep_for: std::time::Duration,
+        now: jiff::Timestamp,
+    ) -> Record<'a> {
+        let until = jiff::SignedDuration::try_from(keep_for).ok().and_then(|d| now.checked_add(d).ok());
+        Record { state, exit_code, reason, keep_for, until: until.unwrap_or(jiff::Timestamp::MAX).to_string() }
+    }
+
     /// The annotations that carry it (on the Job itself, or on a record Job).
     pub fn annotations(&self) -> Map {
         let mut reason = self.reason.to_string();

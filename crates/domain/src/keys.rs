@@ -19,8 +19,15 @@ pub const ANN_FINGERPRINT: &str = "k8s-job-worker/fingerprint";
 pub const ANN_CANCELLED: &str = "k8s-job-worker/cancelled";
 /// Annotation set before an outdated or untrusted Job is deleted to be replaced.
 pub const ANN_REPLACED: &str = "k8s-job-worker/replaced";
+/// Annotation the reporter puts on a preempted Job before it publishes the intent to run it
+/// again: the resubmission it is due for. An intent is carried out only on a Job marked so.
+pub const ANN_RESUBMIT_DUE: &str = "k8s-job-worker/resubmit-due";
 /// Annotation counting the resubmissions after preemption.
 pub const ANN_RESUBMISSIONS: &str = "k8s-job-worker/resubmissions";
+/// Annotation the reporter writes, conditional on the Job being as it classified it, before
+/// it publishes a terminal state: that state (a cancel can no longer pass it, see
+/// [`crate::decision::Plan::claim`]).
+pub const ANN_CLAIMED: &str = "k8s-job-worker/reporting";
 /// Annotation recording the terminal state whose event the broker confirmed.
 pub const ANN_REPORTED: &str = "k8s-job-worker/reported";
 /// Label of a finished Job kept as a record of its outcome (outside the tracker's watch).
@@ -32,10 +39,10 @@ pub const ANN_REASON: &str = "k8s-job-worker/reason";
 /// Annotation with the time (RFC 3339) after which a record may be removed.
 pub const ANN_RECORD_UNTIL: &str = "k8s-job-worker/record-until";
 
-/// Finalizer on every job's own Job until its outcome is reported and recorded: a Job that
-/// someone else deletes (an admin, a TTL set by hand, a namespace cleanup) stays, terminating,
-/// until the reporter has published its outcome and left a record, so a repeated request can
-/// never find it missing and run the tool again, and a reporter handover loses nothing.
+/// Finalizer the reporter puts on a Job with the claim of its outcome and takes off when the
+/// event is out (seconds): a Job someone deletes in between (an admin, a namespace cleanup)
+/// stays, terminating, until its outcome is published. No other Job carries it: a running
+/// Job, a record or a tombstone never blocks a deletion.
 pub const FINALIZER: &str = "k8s-job-worker/outcome";
 
 /// The prefix of every key the worker owns (`k8s-job-worker/...`).

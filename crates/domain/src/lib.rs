@@ -5,16 +5,19 @@
 //! - [`request`]: job requests and cancel/status messages, parsed and validated.
 //! - [`job`]: the worker's defaults for every job, and the plan of one Job built from a request.
 //! - [`policy`]: what a request may ask for.
+//! - [`intent`]: the worker's own resubmission intents, and how one is judged.
 //! - [`naming`]: Job names, label values, instance ids.
 //! - [`keys`]: the labels and annotations the worker writes and reads.
 //! - [`placement`], [`resources`], [`quantity`]: values as Galaxy admins write them.
 //! - [`outcome`]: what a Job and its pods mean for Galaxy.
 //! - [`ownership`]: whether a Job with a job's name is that job's.
 //! - [`decision`]: what the worker does about an outcome (stop, resubmit, report, clean up).
+//! - [`state`]: the states a job is reported in.
 //! - [`event`]: the result events.
 
 pub mod decision;
 pub mod event;
+pub mod intent;
 pub mod job;
 pub mod keys;
 pub mod naming;
@@ -25,6 +28,7 @@ pub mod policy;
 pub mod quantity;
 pub mod request;
 pub mod resources;
+pub mod state;
 
 /// Why a message was refused. Each variant's text goes into the dead-letter header and the
 /// `failed` event.

@@ -56,9 +56,19 @@ pub fn instance_id(id: &str) -> Result<String, FormatError> {
     Ok(id)
 }
 
-/// Checks a Job name prefix (1-20 of `[a-z0-9-]`, not starting or ending with `-`) and returns it.
+/// Checks a Job name prefix (1-20 of `[a-z0-9]`) and returns it. No `-`: the first `-` of a
+/// name ends its prefix, so no two configurations name a Job alike (`galaxy-main` without an
+/// instance id and `galaxy` with instance `main` would both name job 42 `galaxy-main-42`,
+/// and their reporter Leases alike).
 pub fn name_prefix(prefix: &str) -> Result<String, FormatError> {
-    short_dns_id(prefix)
+    let prefix = short_dns_id(prefix)?;
+    if prefix.contains('-') {
+        return Err(FormatError::new(prefix, "a prefix without '-'").because(
+            "the first '-' of a Job name ends its prefix: with one inside, two configurations could \
+             name different jobs alike (galaxy-main + job 42 = galaxy + instance main + job 42)",
+        ));
+    }
+    Ok(prefix)
 }
 
 /// How the Jobs of one worker configuration are named and found.
@@ -92,7 +102,8 @@ impl Naming {
         format!("{},{LABEL_RECORD}", self.instance_selector())
     }
 
-    fn instance_selector(&self) -> String {
+    /// The label selector of every Job and pod of this instance, records included.
+    pub fn instance_selector(&self) -> String {
         let (k, v) = MANAGED_BY;
         match &self.instance_id {
             Some(id) => format!("{k}={v},{LABEL_INSTANCE}={id}"),
@@ -306,6 +317,17 @@ mod tests {
         let hashed = n(Some("main"), "Foo", None);
         let tail = hashed.strip_prefix("galaxy-main-").unwrap();
         assert_ne!(hashed, n(Some("main"), tail, None), "a hashed name vs the id that spells it");
+    }
+
+    #[test]
+    fn item7_a_prefix_with_a_dash_is_refused_so_prefixes_and_instances_never_mix() {
+        // Both would name job 42 `galaxy-main-42`, and both Leases `galaxy-main-default-reporter`...
+        let a = Naming { prefix: "galaxy-main".into(), instance_id: None };
+        let b = Naming { prefix: "galaxy".into(), instance_id: Some("main".into()) };
+        assert_eq!(a.job_name("42", None), b.job_name("42", None), "the collision the review found");
+        let err = name_prefix("galaxy-main").unwrap_err().to_string();
+        assert!(err.contains("without '-'"), "{err}");
+        assert!(name_prefix("galaxy").is_ok() && name_prefix("g2").is_ok());
     }
 
     #[test]

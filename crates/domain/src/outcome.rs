@@ -1,6 +1,6 @@
 //! Outcome classification: what a Job and its pods mean for Galaxy. Pure; fed by the watch.
 
-use super::event::JobState;
+use super::state::JobState;
 
 /// What the worker knows about one container's end.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -197,13 +197,19 @@ pub struct JobMeta {
     pub replaced: bool,
     /// Terminal state already confirmed by the broker.
     pub reported: Option<JobState>,
+    /// Terminal state the reporter claimed on the Job before publishing it.
+    pub claimed: Option<JobState>,
+    /// The object's resourceVersion as seen (writes that must not pass a change name it).
+    pub resource_version: String,
     /// Whether Kubernetes is deleting it.
     pub deleting: bool,
-    /// Whether it carries the worker's finalizer ([`FINALIZER`](crate::keys::FINALIZER)): while
-    /// it does, a deletion waits for the worker to report and record its outcome.
+    /// Whether it carries the worker's finalizer ([`FINALIZER`](crate::keys::FINALIZER)): from
+    /// the claim of its outcome until the event is out, a deletion waits.
     pub held: bool,
     /// How often it was resubmitted after preemption.
     pub resubmissions: u32,
+    /// The resubmission the reporter marked it for, when it is due for one.
+    pub resubmit_due: Option<u32>,
     /// The exit code recorded with the reported state.
     pub recorded_exit_code: Option<i32>,
     /// The reason recorded with the reported state.
@@ -308,20 +314,31 @@ pub fn classify(job: &JobView, pods: &[PodView], now: jiff::Timestamp, limits: &
     Outcome::new(JobState::Submitted, "waiting for a pod to start", None)
 }
 
+/// Why a Job deleted by someone else before it finished is `lost`.
+pub const DELETED_UNFINISHED: &str = "the Kubernetes Job was deleted before it finished, and not by a cancel";
+
 /// A Job's state as Galaxy should hear it: a cancel mark wins, then a terminal state already
-/// reported (the Job may have lost its pods since), then what the Job and its pods say now.
+/// reported or claimed (the Job may have lost its pods since), then what the Job and its
+/// pods say now — `lost` for one someone is deleting before it finished.
 pub fn status(meta: &JobMeta, job: &JobView, pods: &[PodView], now: jiff::Timestamp, limits: &Limits) -> Outcome {
     if let Some(why) = &meta.cancelled {
         return Outcome::new(JobState::Cancelled, why.clone(), None);
     }
     let outcome = classify(job, pods, now, limits);
-    match meta.reported {
-        Some(reported) => Outcome {
-            state: reported,
-            reason: meta.recorded_reason.clone().unwrap_or(outcome.reason),
-            exit_code: meta.recorded_exit_code.or(outcome.exit_code),
-            ..outcome
-        },
+    match meta.reported.or(meta.claimed) {
+        Some(state) => {
+            let same = outcome.state == state;
+            let reason = meta.recorded_reason.clone().unwrap_or_else(|| {
+                if same {
+                    outcome.reason.clone()
+                } else {
+                    format!("the job ended as {}", state.as_str())
+                }
+            });
+            let exit_code = meta.recorded_exit_code.or(if same { outcome.exit_code } else { None });
+            Outcome { state, reason, exit_code, ..outcome }
+        }
+        None if meta.deleting && !outcome.state.is_terminal() => Outcome::new(JobState::Lost, DELETED_UNFINISHED, None),
         None => outcome,
     }
 }

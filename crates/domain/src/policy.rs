@@ -34,8 +34,37 @@ pub struct Policy {
     /// Priority classes a request may name (empty: none).
     pub allowed_priority_classes: Vec<String>,
     /// DNS prefixes of the label and annotation keys a request may use, each matched exactly
-    /// (empty: unprefixed keys only). Reserved keys ([`keys::is_reserved`]) are refused anyway.
+    /// (empty: none). Reserved keys ([`keys::is_reserved`]) are refused anyway.
     pub allowed_metadata_prefixes: Vec<String>,
+    /// Whether a request may use label and annotation keys without a prefix.
+    pub allow_unprefixed_metadata: bool,
+    /// User and group ids a request may run as (`run_as_user`, `run_as_group`); empty: a
+    /// request may not choose them (the worker's `k8s_run_as_*` apply).
+    pub allowed_run_as_ids: Vec<IdRange>,
+}
+
+/// An inclusive range of user or group ids, written `1000-65535` (or one id, `1000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    /// First id.
+    pub first: i64,
+    /// Last id.
+    pub last: i64,
+}
+
+impl std::str::FromStr for IdRange {
+    type Err = crate::FormatError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || crate::FormatError::new(text, "an id range like 1000-65535 (ids above 0: never root)");
+        let (first, last) = text.split_once('-').unwrap_or((text, text));
+        let (first, last) =
+            (first.trim().parse::<i64>().map_err(|_| bad())?, last.trim().parse::<i64>().map_err(|_| bad())?);
+        if first <= 0 || last < first {
+            return Err(bad());
+        }
+        Ok(IdRange { first, last })
+    }
 }
 
 /// What the policy looks at in a request, after defaults were applied.
@@ -61,6 +90,10 @@ pub struct Asked<'a> {
     pub labels: Option<&'a BTreeMap<String, String>>,
     /// Annotations the request adds.
     pub annotations: Option<&'a BTreeMap<String, String>>,
+    /// The user id the request asks to run as.
+    pub run_as_user: Option<i64>,
+    /// The group id the request asks to run as.
+    pub run_as_group: Option<i64>,
 }
 
 /// A broken rule: its name (as configured) and what was asked.
@@ -127,14 +160,26 @@ impl Policy {
                 if keys::is_reserved(key) {
                     return fail("reserved_metadata_keys", format!("{what} {key:?} is the worker's or Kubernetes'"));
                 }
-                if let Some(prefix) =
-                    keys::key_prefix(key).filter(|p| !self.allowed_metadata_prefixes.iter().any(|a| a == p))
-                {
-                    return fail(
-                        "policy_allowed_metadata_prefixes",
-                        format!("{what} {key:?}: prefix {prefix:?} is not allowed"),
-                    );
+                match keys::key_prefix(key) {
+                    Some(prefix) if !self.allowed_metadata_prefixes.iter().any(|a| a == prefix) => {
+                        return fail(
+                            "policy_allowed_metadata_prefixes",
+                            format!("{what} {key:?}: prefix {prefix:?} is not allowed"),
+                        );
+                    }
+                    None if !self.allow_unprefixed_metadata => {
+                        return fail(
+                            "policy_allow_unprefixed_metadata",
+                            format!("{what} {key:?}: keys without a prefix are not allowed"),
+                        );
+                    }
+                    _ => {}
                 }
+            }
+        }
+        for (what, id) in [("user", asked.run_as_user), ("group", asked.run_as_group)] {
+            if let Some(id) = id.filter(|id| !self.allowed_run_as_ids.iter().any(|r| (r.first..=r.last).contains(id))) {
+                return fail("policy_allowed_run_as_ids", format!("running as {what} id {id} is not allowed"));
             }
         }
         Ok(())
@@ -142,14 +187,20 @@ impl Policy {
 }
 
 /// Whether `image` is under the allowed `prefix`, matched on registry and path boundaries: it
-/// is the prefix, or continues it with `/`, `:` or `@`, or the prefix ends with `/`. So
-/// `quay.io` admits `quay.io/biocontainers/samtools:1` but not `quay.io.evil.example/x`, and
-/// `quay.io/biocontainers/samtools` admits its tags and digests but not `...samtools-evil`.
+/// is the prefix, or continues it with `/` or `@`, or with `:` and a tag (never a registry
+/// port: a `/` after it), or the prefix ends with `/`, `:` or `@` (every path, tag or digest
+/// below it; after `:` or `@` only a tag or digest). So `quay.io` admits
+/// `quay.io/biocontainers/samtools:1` but not `quay.io.evil.example/x`;
+/// `quay.io/biocontainers/samtools` admits its tags and digests but not `...samtools-evil`;
+/// `debian:` admits every tag of `debian`; `biocontainers` does not admit
+/// `biocontainers:5000/evil` (a registry of that name).
 pub fn image_under(image: &str, prefix: &str) -> bool {
-    match image.strip_prefix(prefix) {
-        None => false,
-        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with(['/', ':', '@']),
+    let Some(rest) = image.strip_prefix(prefix) else { return false };
+    if rest.is_empty() || prefix.ends_with('/') || rest.starts_with(['/', '@']) {
+        return true;
     }
+    let tag = if prefix.ends_with([':', '@']) { Some(rest) } else { rest.strip_prefix(':') };
+    tag.is_some_and(|tag| !tag.contains('/'))
 }
 
 /// The larger of two optional quantities, as millicores or bytes.
@@ -240,8 +291,51 @@ mod tests {
     }
 
     #[test]
+    fn item7_a_tag_prefix_admits_every_tag_and_a_name_never_a_registry_port() {
+        let allow = |prefix: &str, image: &str| {
+            let p = Policy { allowed_image_prefixes: vec![prefix.into()], ..Policy::default() };
+            p.check(&Asked { image, ..Asked::default() }).is_ok()
+        };
+        assert!(allow("debian:", "debian:12") && allow("debian:", "debian:bookworm-slim"));
+        assert!(!allow("debian:", "debian:5000/evil"), "a registry port, not a tag");
+        assert!(!allow("debian:", "debianx:12"));
+        assert!(allow("biocontainers", "biocontainers:1.0") && allow("biocontainers", "biocontainers/samtools:1"));
+        assert!(!allow("biocontainers", "biocontainers:5000/evil"));
+        assert!(allow("quay.io/biocontainers/samtools@", "quay.io/biocontainers/samtools@sha256:0123"));
+    }
+
+    #[test]
+    fn item7_run_as_ids_and_unprefixed_keys_are_the_policys_to_allow() {
+        let rule = |p: &Policy, a: Asked<'_>| p.check(&a).err().map(|v| v.rule);
+        let closed = Policy::default();
+        assert_eq!(
+            rule(&closed, Asked { run_as_user: Some(1000), ..Asked::default() }),
+            Some("policy_allowed_run_as_ids")
+        );
+        assert_eq!(
+            rule(&closed, Asked { run_as_group: Some(1000), ..Asked::default() }),
+            Some("policy_allowed_run_as_ids")
+        );
+        let open = Policy { allowed_run_as_ids: vec!["1000-2000".parse().unwrap()], ..Policy::default() };
+        assert_eq!(rule(&open, Asked { run_as_user: Some(1500), run_as_group: Some(1000), ..Asked::default() }), None);
+        assert_eq!(
+            rule(&open, Asked { run_as_user: Some(2001), ..Asked::default() }),
+            Some("policy_allowed_run_as_ids")
+        );
+        assert!("0-100".parse::<IdRange>().is_err() && "5-1".parse::<IdRange>().is_err(), "never root, never empty");
+        assert_eq!("1000".parse::<IdRange>().unwrap(), IdRange { first: 1000, last: 1000 });
+
+        let plain = BTreeMap::from([("team".to_string(), "bio".to_string())]);
+        let unprefixed = Asked { labels: Some(&plain), ..Asked::default() };
+        assert_eq!(rule(&closed, unprefixed.clone()), Some("policy_allow_unprefixed_metadata"));
+        let free = Policy { allow_unprefixed_metadata: true, ..Policy::default() };
+        assert_eq!(rule(&free, unprefixed), None);
+    }
+
+    #[test]
     fn item8_allow_lists_for_tolerations_priority_classes_and_key_prefixes() {
         let p = Policy {
+            allow_unprefixed_metadata: true,
             allowed_tolerations: vec!["gpu".into()],
             allowed_priority_classes: vec!["galaxy-high".into()],
             allowed_metadata_prefixes: vec!["example.org".into(), "k8s-job-worker".into(), "kubernetes.io".into()],

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{resources::ResourceValue, ValidationError};
+use super::{
+    intent::{parse_intent, JobResubmit, RESUBMIT_SCHEMA},
+    resources::ResourceValue,
+    ValidationError,
+};
 
 /// Schema identifier carried by every job request.
 pub const REQUEST_SCHEMA: &str = "k8s-job-worker/job-request/v1";
@@ -277,30 +281,6 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
     Ok(request)
 }
 
-/// Schema identifier of the worker's own resubmission intents (internal: published and
-/// consumed by workers on the control queue, never by Galaxy).
-pub const RESUBMIT_SCHEMA: &str = "k8s-job-worker/job-resubmit/v1";
-
-/// A worker's durable intent to run a preempted job again as a new Job: it outlives any
-/// crash between retiring the old Job and creating the new one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobResubmit {
-    /// Always [`RESUBMIT_SCHEMA`].
-    pub schema: String,
-    /// Galaxy's job id.
-    pub job_id: String,
-    /// Attempt of the request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<u32>,
-    /// The Job's name (the same for the new generation).
-    pub job_name: String,
-    /// The uid of the Job it replaces.
-    pub replaces_uid: String,
-    /// The new Job, as the apiserver takes it.
-    pub job: serde_json::Value,
-}
-
 /// A message on the control queue.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ControlMessage {
@@ -316,17 +296,17 @@ pub fn parse_control_message(body: &[u8], max_bytes: usize) -> Result<ControlMes
     struct Schema {
         schema: Option<String>,
     }
-    let is_resubmit =
-        serde_json::from_slice::<Schema>(body).ok().and_then(|s| s.schema).as_deref() == Some(RESUBMIT_SCHEMA);
-    if !is_resubmit {
-        return parse_control(body, max_bytes).map(ControlMessage::Control);
-    }
     if body.len() > max_bytes {
         return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
     }
-    let resubmit: JobResubmit = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
-    check_job_id(&resubmit.job_id)?;
-    Ok(ControlMessage::Resubmit(resubmit))
+    let is_resubmit =
+        serde_json::from_slice::<Schema>(body).ok().and_then(|s| s.schema).as_deref() == Some(RESUBMIT_SCHEMA);
+    if is_resubmit {
+        let intent = parse_intent(body)?;
+        check_job_id(&intent.job_id)?;
+        return Ok(ControlMessage::Resubmit(intent));
+    }
+    parse_control(body, max_bytes).map(ControlMessage::Control)
 }
 
 /// Parses a cancel or status message.
@@ -437,8 +417,7 @@ mod tests {
             parse_control_message(&serde_json::to_vec(&cancel).unwrap(), 1 << 20),
             Ok(ControlMessage::Control(_))
         ));
-        let intent = json!({"schema": RESUBMIT_SCHEMA, "job_id": "1", "job_name": "galaxy-main-1",
-                            "replaces_uid": "u1", "job": {"metadata": {"name": "galaxy-main-1"}}});
+        let intent = crate::intent::JobResubmit::sealed(b"k", "1", None, "galaxy-main-1", "fp", "u1", 1);
         let Ok(ControlMessage::Resubmit(r)) = parse_control_message(&serde_json::to_vec(&intent).unwrap(), 1 << 20)
         else {
             panic!("a resubmission intent")
