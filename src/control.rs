@@ -85,6 +85,7 @@ async fn interrupted(ctx: &Context, intent: &JobResubmit) -> Result<(), Error> {
         job_id: intent.job_id.clone(),
         attempt: intent.attempt,
         fingerprint: intent.fingerprint.clone(),
+        handler: intent.handler.clone(),
         resubmissions: intent.resubmission - 1,
         ..JobMeta::default()
     };
@@ -105,6 +106,7 @@ async fn interrupted(ctx: &Context, intent: &JobResubmit) -> Result<(), Error> {
         attempt: intent.attempt,
         job_name: &intent.job_name,
         fingerprint: &intent.fingerprint,
+        handler: intent.handler.as_deref(),
     };
     publish(ctx, ctx.reporter.event(&subject, JobState::Preempted, reason)).await
 }
@@ -139,8 +141,13 @@ async fn status(ctx: &Context, control: JobControl) -> Result<(), Error> {
             }
         },
     };
-    let subject =
-        Subject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: &fingerprint };
+    let subject = Subject {
+        job_id: &control.job_id,
+        attempt: control.attempt,
+        job_name: &name,
+        fingerprint: &fingerprint,
+        handler: control.handler.as_deref(),
+    };
     let mut event = ctx.reporter.event(&subject, outcome.state, format!("status: {}", outcome.reason));
     event.exit_code = outcome.exit_code;
     publish(ctx, event).await
@@ -155,11 +162,14 @@ async fn cancel(ctx: &Context, control: JobControl) -> Result<(), Error> {
     let reason = control.reason.clone().unwrap_or_else(|| "cancelled on request".into());
     let name = ctx.defaults.naming.job_name(&control.job_id, control.attempt);
     let owner = ctx.defaults.naming.owner(&control.job_id, control.attempt);
-    let subject = Subject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: "" };
+    let handler = control.handler.as_deref();
+    let subject =
+        Subject { job_id: &control.job_id, attempt: control.attempt, job_name: &name, fingerprint: "", handler };
     let existing = match ctx.jobs.get(&name).await? {
         Some(job) => job,
         None => {
-            let plan = plan_tombstone(&ctx.defaults, &control.job_id, control.attempt, &reason);
+            let plan =
+                plan_tombstone(&ctx.defaults, &control.job_id, control.attempt, control.handler.as_deref(), &reason);
             match ctx.jobs.create_unless_taken(&render::job(&plan, ctx.jobs.namespace())).await? {
                 None => return publish(ctx, ctx.reporter.event(&subject, JobState::Cancelled, reason)).await,
                 Some(job) => job, // its request came meanwhile

@@ -150,6 +150,18 @@ pub async fn owes_failed_event(ctx: &Context, body: &[u8], source: Source, owed:
     Some(Some(job_id))
 }
 
+/// Publishes the `failed` event of a refused request (confirmed, retried for the retry
+/// window); whether the broker confirmed it.
+pub async fn publish_refused(ctx: &Context, body: &[u8], job_id: &str, reason: &str) -> bool {
+    let attempt = request::readable_attempt(body);
+    let handler = request::readable_handler(body);
+    let name = ctx.defaults.naming.job_name(job_id, attempt);
+    let subject = Subject { job_id, attempt, job_name: &name, fingerprint: "refused", handler: handler.as_deref() };
+    let mut event = ctx.reporter.event(&subject, JobState::Failed, format!("request refused: {reason}"));
+    let budget = Budget::Within(ctx.settings.amqp.retry_window());
+    ctx.broker.publish_event_confirmed(&mut event, None, &ctx.metrics, &ctx.shutdown, budget, || true).await
+}
+
 /// Dead-letters a refused message (with a `failed` event when it owes one: see
 /// [`owes_failed_event`]), then acks it. If the dead-letter publish fails the message is
 /// given back, never dropped.
@@ -168,12 +180,7 @@ pub async fn refuse(
         return give_back(delivery, GiveBack::NotNow).await;
     };
     if let Some(job_id) = &failed_for {
-        let attempt = request::readable_attempt(&delivery.data);
-        let name = ctx.defaults.naming.job_name(job_id, attempt);
-        let subject = Subject { job_id, attempt, job_name: &name, fingerprint: "refused" };
-        let mut event = ctx.reporter.event(&subject, JobState::Failed, format!("request refused: {reason}"));
-        let budget = Budget::Within(ctx.settings.amqp.retry_window());
-        if !ctx.broker.publish_event_confirmed(&mut event, None, &ctx.metrics, &ctx.shutdown, budget, || true).await {
+        if !publish_refused(ctx, &delivery.data, job_id, reason).await {
             return give_back(delivery, GiveBack::NotNow).await;
         }
     }

@@ -148,7 +148,7 @@ impl Default for Metrics {
         registry.register("requests", "Messages consumed, by outcome", m.requests.clone());
         registry.register(
             "jobs",
-            "Jobs by action: created, adopted, replaced, already_cancelled, already_finished",
+            "Jobs by action: created, adopted, replaced, already_cancelled, being_cancelled, already_finished",
             m.jobs.clone(),
         );
         registry.register("events_published", "Result events confirmed by the broker, by state", m.events.clone());
@@ -184,7 +184,7 @@ impl Default for Metrics {
         ] {
             let _ = m.requests.get_or_create(&outcome.into());
         }
-        for action in ["created", "adopted", "replaced", "already_cancelled", "already_finished"] {
+        for action in ["created", "adopted", "replaced", "already_cancelled", "being_cancelled", "already_finished"] {
             let _ = m.jobs.get_or_create(&action.into());
         }
         for state in crate::domain::event::JobState::ALL {

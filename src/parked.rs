@@ -15,13 +15,9 @@ use lapin::{
 use crate::{
     amqp::publisher::{header_str, Outgoing},
     context::Context,
-    delivery::{give_back, owes_failed_event, GiveBack, Owed, Source},
-    domain::{
-        event::{JobState, Subject},
-        request,
-    },
+    delivery::{give_back, owes_failed_event, publish_refused, GiveBack, Owed, Source},
+    domain::request,
     observe::Observation,
-    retry::Budget,
 };
 
 /// The reason header of a message the worker refused.
@@ -81,13 +77,7 @@ pub async fn handle_parked(ctx: Arc<Context>, delivery: Delivery) {
             return give_back(&delivery, GiveBack::NotNow).await;
         };
         if let Some(job_id) = &failed_for {
-            let attempt = request::readable_attempt(&delivery.data);
-            let name = ctx.defaults.naming.job_name(job_id, attempt);
-            let subject = Subject { job_id, attempt, job_name: &name, fingerprint: "refused" };
-            let mut event = ctx.reporter.event(&subject, JobState::Failed, format!("request refused: {reason}"));
-            let budget = Budget::Within(amqp.retry_window());
-            if !ctx.broker.publish_event_confirmed(&mut event, None, &ctx.metrics, &ctx.shutdown, budget, || true).await
-            {
+            if !publish_refused(&ctx, &delivery.data, job_id, &reason).await {
                 return give_back(&delivery, GiveBack::NotNow).await;
             }
         }

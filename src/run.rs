@@ -62,6 +62,7 @@ pub async fn run(settings: Settings, client: kube::Client, http: tokio::net::Tcp
         prefetch: settings.amqp.prefetch,
         tag: format!("{worker_id}-{queue}"),
         grace,
+        consumer_timeout: Some(settings.amqp.consumer_timeout_seconds).filter(|s| *s > 0).map(Duration::from_secs),
     };
     let (requests, controls) = (subscription(&settings.amqp.request_queue), subscription(&settings.amqp.control_queue));
     let inbox = subscription(&settings.amqp.dead_letter_inbox);

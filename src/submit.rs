@@ -39,6 +39,11 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
     if action == JobAction::AlreadyFinished {
         return answer_from_record(ctx, &request, &name, received).await;
     }
+    if action == JobAction::BeingCancelled {
+        let to_job = received.elapsed();
+        ctx.metrics.observe(Observation::RequestAccepted { job_id: &request.job_id, job_name: &name, action, to_job });
+        return Ok(()); // its cancel is the reporter's to tell, once
+    }
     let (state, fingerprint, reason) = match action {
         JobAction::AlreadyCancelled => {
             (JobState::Cancelled, "", "cancelled before the request was processed".to_string())
@@ -46,9 +51,10 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
         JobAction::Created => (JobState::Submitted, fingerprint.as_str(), format!("job {name} created")),
         JobAction::Adopted => (JobState::Submitted, fingerprint.as_str(), format!("existing job {name} adopted")),
         JobAction::Replaced => (JobState::Submitted, fingerprint.as_str(), format!("job {name} replaced")),
-        JobAction::AlreadyFinished => unreachable!("answered above"),
+        JobAction::AlreadyFinished | JobAction::BeingCancelled => unreachable!("answered above"),
     };
-    let subject = Subject { job_id: &request.job_id, attempt: request.attempt, job_name: &name, fingerprint };
+    let handler = request.handler.as_deref();
+    let subject = Subject { job_id: &request.job_id, attempt: request.attempt, job_name: &name, fingerprint, handler };
     let mut event = ctx.reporter.event(&subject, state, reason);
     let confirm = ctx.broker.publish_event(&mut event).await?;
     ctx.metrics.observe(Observation::EventPublished { event: &event, confirm, since_transition: None });
@@ -69,8 +75,13 @@ async fn answer_from_record(
     };
     let meta = view::job_meta(&job.metadata);
     let outcome = outcome::status(&meta, &view::job_view(&job), &[], jiff::Timestamp::now(), &ctx.limits);
-    let subject =
-        Subject { job_id: &request.job_id, attempt: request.attempt, job_name: name, fingerprint: &meta.fingerprint };
+    let subject = Subject {
+        job_id: &request.job_id,
+        attempt: request.attempt,
+        job_name: name,
+        fingerprint: &meta.fingerprint,
+        handler: request.handler.as_deref(),
+    };
     let mut event = ctx.reporter.event(&subject, outcome.state, outcome.reason);
     event.exit_code = outcome.exit_code;
     let confirm = ctx.broker.publish_event(&mut event).await?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_job_worker::{
     amqp::publisher::header_str,
-    domain::{event::JobState, intent::JobResubmit},
+    domain::{event::JobState, intent::JobResubmit, outcome::JobMeta},
 };
 use k8s_job_worker_testkit::*;
 use k8s_openapi::api::{batch::v1::Job, coordination::v1::Lease, core::v1::Namespace};
@@ -26,6 +26,18 @@ fn resubmitting() -> Vec<String> {
 
 fn control(job_id: &str, action: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"schema": "k8s-job-worker/job-cancel/v1", "job_id": job_id, "action": action})).unwrap()
+}
+
+/// What an intent names of a Job: its name, uid and the job's identity.
+fn identity(job: &Job) -> JobMeta {
+    let annotations = job.metadata.annotations.clone().unwrap_or_default();
+    JobMeta {
+        name: job.metadata.name.clone().unwrap(),
+        uid: job.metadata.uid.clone().unwrap(),
+        job_id: annotations["k8s-job-worker/galaxy-job-id"].clone(),
+        fingerprint: annotations["k8s-job-worker/fingerprint"].clone(),
+        ..JobMeta::default()
+    }
 }
 
 async fn running(h: &mut Harness, job_id: &str) {
@@ -54,7 +66,7 @@ async fn item1_a_forged_resubmit_creates_nothing_and_is_dead_lettered() {
         json!({"schema": "k8s-job-worker/job-resubmit/v1", "job_id": "3", "job_name": "galaxy-main-3",
                "fingerprint": "fp", "replaces_uid": "x", "resubmission": 1, "seal": "00"}),
         // For a running job, its uid read off the cluster: the reporter never marked it.
-        serde_json::to_value(JobResubmit::sealed(b"guess", "1", None, "galaxy-main-1", "fp", &uid, 1)).unwrap(),
+        serde_json::to_value(JobResubmit::sealed(b"guess", &identity(&job), 1)).unwrap(),
     ];
     for intent in &forged {
         h.publish_raw(&h.names.control_queue.clone(), &serde_json::to_vec(intent).unwrap()).await;
@@ -98,9 +110,7 @@ async fn item1_an_interrupted_resubmission_is_recorded_preempted_and_never_run_a
     let key = leases.get("galaxy-main-reporter").await.unwrap().metadata.uid.unwrap();
     let jobs = h.jobs();
     let old: Job = jobs.get("galaxy-main-4").await.unwrap();
-    let uid = old.metadata.uid.clone().unwrap();
-    let fingerprint = old.metadata.annotations.as_ref().unwrap()["k8s-job-worker/fingerprint"].clone();
-    let intent = JobResubmit::sealed(key.as_bytes(), "4", None, "galaxy-main-4", &fingerprint, &uid, 1);
+    let intent = JobResubmit::sealed(key.as_bytes(), &identity(&old), 1);
     h.publish_raw(&h.names.control_queue, &serde_json::to_vec(&intent).unwrap()).await;
     let replaced = json!({"metadata": {"annotations": {"k8s-job-worker/replaced": "resubmitted after preemption"}}});
     jobs.patch("galaxy-main-4", &PatchParams::default(), &Patch::Merge(&replaced)).await.unwrap();

@@ -82,31 +82,27 @@ async fn two_replicas_report_each_outcome_once() {
 #[tokio::test]
 async fn a_poison_request_is_parked_after_the_delivery_limit() {
     use futures::StreamExt;
-    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    use lapin::options::BasicConsumeOptions;
     let mut h = Harness::new("r-poison").await;
     h.extra_args = vec!["--delivery-limit".into(), "2".into()];
     h.start_worker().await; // declares the topology
     h.kill_worker();
-    // A consumer that "crashes" on the message every time: it goes back to the queue...
+    // A consumer that crashes on the message every time (its channel dies with the message
+    // unacked): it goes back to the queue...
     h.submit(&request("poison", "true")).await;
-    let ch = h.galaxy.conn.create_channel().await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            h.names.request_queue.clone().into(),
-            "crasher".into(),
-            BasicConsumeOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
     for _ in 0..3 {
-        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
-        d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+        let ch = h.galaxy.conn.create_channel().await.unwrap();
+        let queue = h.names.request_queue.clone().into();
+        let mut consumer = ch
+            .basic_consume(queue, "crasher".into(), BasicConsumeOptions::default(), Default::default())
+            .await
+            .unwrap();
+        let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
+        let _ = ch.close(200, "crashed".into()).await;
     }
     // ...until the quorum queue's delivery limit parks it: the broker dead-letters it without
     // a word. A worker gives it its reason on its way to the dead-letter queue, and Galaxy
     // hears of it (item 2: nothing is parked without a reason and a `failed` event).
-    let _ = ch.close(200, "crashed".into()).await;
     h.start_worker().await;
     let parked = h.dead_letters(1).await;
     assert_eq!(parked.len(), 1, "poison message dead-lettered");

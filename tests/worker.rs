@@ -360,3 +360,37 @@ async fn item7_a_job_name_taken_by_another_jobs_job_is_left_alone() {
     }
     h.finish().await;
 }
+
+/// Issue 24 item 5: a request that names its Galaxy job handler has its events routed to that
+/// handler alone (`<instance>.<handler>.<state>`, the handler one routing word), and so does
+/// the answer to a status request that names it; a request without one keeps `<instance>.<state>`.
+#[tokio::test]
+async fn events_go_to_the_handler_that_sent_the_request() {
+    use futures::StreamExt;
+    let mut h = Harness::new("w-handler").await;
+    h.start_worker().await;
+    let galaxy = GalaxyClient::connect(&amqp_url()).await.unwrap();
+    let exchange = h.names.result_exchange.clone();
+    let mut mine = galaxy.bind_events(&exchange, "main.handler%2E1.*", None).await.unwrap();
+    let other = GalaxyClient::connect(&amqp_url()).await.unwrap();
+    let mut theirs = other.bind_events(&exchange, "main.handler%2E2.*", None).await.unwrap();
+    let mut req = request("30", "true");
+    req["handler"] = json!("handler.1");
+    h.submit(&req).await;
+    let status =
+        json!({"schema": "k8s-job-worker/job-cancel/v1", "job_id": "31", "action": "status", "handler": "handler.1"});
+    h.publish_raw(&h.names.control_queue.clone(), &serde_json::to_vec(&status).unwrap()).await;
+    let mut states = Vec::new();
+    while !(states.contains(&JobState::Succeeded) && states.contains(&JobState::Unknown)) {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), mine.next()).await.unwrap().unwrap().unwrap();
+        let event: k8s_job_worker::domain::event::JobEvent = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(event.handler.as_deref(), Some("handler.1"));
+        assert!(delivery.routing_key.as_str().starts_with("main.handler%2E1."), "{}", delivery.routing_key);
+        states.push(event.state);
+    }
+    assert!(tokio::time::timeout(Duration::from_secs(2), theirs.next()).await.is_err(), "nothing for handler.2");
+    h.submit(&request("32", "true")).await;
+    let plain = h.until_terminal("32").await; // no handler: <instance>.<state>, as before
+    assert!(plain.iter().all(|e| e.handler.is_none()), "{plain:#?}");
+    h.finish().await;
+}

@@ -26,6 +26,20 @@ pub struct Subscription {
     pub tag: String,
     /// How long in-flight handlers may finish after shutdown starts.
     pub grace: Duration,
+    /// How long the broker may let a delivery stay unacknowledged (`x-consumer-timeout`;
+    /// `None`: the broker's own setting).
+    pub consumer_timeout: Option<Duration>,
+}
+
+/// The consumer's arguments: its delivery acknowledgement timeout, when one is set (RabbitMQ
+/// 3.12 and later honour it; earlier ones ignore consumer arguments they do not know).
+fn consume_arguments(timeout: Option<Duration>) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(timeout) = timeout {
+        let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-consumer-timeout".into(), lapin::types::AMQPValue::LongLongInt(ms));
+    }
+    args
 }
 
 /// Runs until shutdown: consume the queue, call `handle` for every delivery.
@@ -34,7 +48,7 @@ where
     F: Fn(Delivery) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Subscription { queue, prefetch, tag, grace } = sub;
+    let Subscription { queue, prefetch, tag, grace, consumer_timeout } = sub;
     let mut in_flight = JoinSet::new();
     let mut first = true;
     loop {
@@ -51,7 +65,7 @@ where
                     queue.clone().into(),
                     tag.clone().into(),
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    consume_arguments(consumer_timeout),
                 )
                 .await?;
             Ok::<_, lapin::Error>((channel, consumer))

@@ -12,16 +12,25 @@ use lapin::{
 
 use super::broker::Broker;
 use crate::{
-    domain::event::JobEvent,
+    domain::{
+        event::JobEvent,
+        naming::{routing_word, NO_INSTANCE},
+    },
     error::{Error, Result},
     observe::{Metrics, Observation},
     retry::{self, Budget},
     shutdown::Shutdown,
 };
 
-/// Routing key of an event: `<instance id or "default">.<state>`.
+/// Routing key of an event: `<instance id or "default">.<handler>.<state>` when its job's
+/// request named a handler (one routing word: [`routing_word`]), else
+/// `<instance id or "default">.<state>`.
 pub fn event_routing_key(event: &JobEvent) -> String {
-    format!("{}.{}", event.instance_id.as_deref().unwrap_or("default"), event.state.as_str())
+    let instance = event.instance_id.as_deref().unwrap_or(NO_INSTANCE);
+    match &event.handler {
+        Some(handler) => format!("{instance}.{}.{}", routing_word(handler), event.state.as_str()),
+        None => format!("{instance}.{}", event.state.as_str()),
+    }
 }
 
 /// A message to publish.

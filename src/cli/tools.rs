@@ -209,6 +209,7 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
         attempt: args.attempt,
         action: request::ControlAction::Cancel,
         reason: args.reason,
+        handler: None,
     };
     let (_conn, channel) = connect(&args.broker.amqp_url).await?;
     publish(&channel, &args.broker.control_queue, &serde_json::to_vec(&control)?).await?;

@@ -61,6 +61,12 @@ pub struct AmqpSettings {
     /// with Job creation instead of idling the apiserver.
     #[arg(long, env = "AMQP_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
+    /// How long the broker lets this worker hold a delivery unacknowledged (its
+    /// `x-consumer-timeout`, RabbitMQ 3.12 and later; older ones use their global
+    /// `consumer_timeout`): deliveries are held through an apiserver outage or while events
+    /// cannot be routed, so longer than RabbitMQ's default 30 minutes. 0: the broker's own.
+    #[arg(long, env = "AMQP_CONSUMER_TIMEOUT_SECONDS", default_value_t = 86400)]
+    pub consumer_timeout_seconds: u64,
     /// Largest accepted message body in bytes.
     #[arg(long, env = "AMQP_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,

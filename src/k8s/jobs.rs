@@ -65,8 +65,10 @@ pub struct Jobs {
 pub enum Claim {
     /// The Job carries the claim (and the finalizer): publish.
     Claimed,
-    /// The Job changed since it was classified (a cancel, a status update), or it is gone or
-    /// replaced: classify it again as it is now.
+    /// The Job is gone (someone deleted it): publish what was classified, and record it.
+    Gone,
+    /// Something came first — a cancel, a replacement, a deletion under way: classify it
+    /// again as it is now.
     Changed,
 }
 
@@ -201,6 +203,8 @@ impl Jobs {
             let meta = job_meta(&existing.metadata);
             match existing_job(&meta, fingerprint) {
                 Existing::Cancelled => return Ok(JobAction::AlreadyCancelled),
+                // Delivered again after its Job was cancelled: the reporter tells the cancel.
+                Existing::BeingCancelled => return Ok(JobAction::BeingCancelled),
                 // Reported, claimed, or going: its outcome answers, it never runs again.
                 Existing::Finished => return Ok(JobAction::AlreadyFinished),
                 Existing::Same => return Ok(JobAction::Adopted),
@@ -286,31 +290,42 @@ impl Jobs {
     ) -> Result<Claim> {
         let mut version = resource_version.to_string();
         if stop {
-            match self.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&render::stop_patch(uid))).await {
-                Ok(job) => match unclaimed_version(&job, uid) {
-                    Some(v) => version = v,
-                    None => return Ok(Claim::Changed),
-                },
-                Err(e) if is_code(&e, 404) || met_another(&e) => return Ok(Claim::Changed),
-                Err(source) => return Err(Error::Kube { verb: "patch", source }),
+            let stopped = self.jobs.patch(name, &PatchParams::default(), &Patch::Merge(&render::stop_patch(uid))).await;
+            match self.sight(name, uid, stopped).await? {
+                Sight::Free(seen) => version = seen,
+                Sight::Gone => return Ok(Claim::Gone),
+                Sight::Taken => return Ok(Claim::Changed),
             }
         }
         for _ in 0..3 {
             let patch = render::claim_patch(uid, &version, state);
             match self.jobs.patch(name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
                 Ok(_) => return Ok(Claim::Claimed),
-                Err(e) if is_code(&e, 404) => return Ok(Claim::Changed),
-                Err(e) if met_another(&e) => match self.jobs.get_opt(name).await.map_err(Error::kube("get"))? {
-                    Some(job) => match unclaimed_version(&job, uid) {
-                        Some(v) => version = v,
-                        None => return Ok(Claim::Changed),
-                    },
-                    None => return Ok(Claim::Changed),
+                refused => match self.sight(name, uid, refused).await? {
+                    Sight::Free(seen) => version = seen,
+                    Sight::Gone => return Ok(Claim::Gone),
+                    Sight::Taken => return Ok(Claim::Changed),
                 },
-                Err(source) => return Err(Error::Kube { verb: "patch", source }),
             }
         }
         Ok(Claim::Changed)
+    }
+
+    /// What a write about the Job with `uid` saw of it — the Job it returned, or, when the
+    /// apiserver refused it as outdated, the Job as it is now.
+    async fn sight(&self, name: &str, uid: &str, written: kube::Result<Job>) -> Result<Sight> {
+        let job = match written {
+            Ok(job) => Some(job),
+            Err(e) if is_code(&e, 404) => None,
+            Err(e) if met_another(&e) || is_code(&e, 422) => {
+                self.jobs.get_opt(name).await.map_err(Error::kube("get"))?
+            }
+            Err(source) => return Err(Error::Kube { verb: "patch", source }),
+        };
+        Ok(match job {
+            None => Sight::Gone,
+            Some(job) => unclaimed_version(&job, uid).map_or(Sight::Taken, Sight::Free),
+        })
     }
 
     /// Deletes a Job and (in the background) its pods; a missing Job is not an error.
@@ -380,12 +395,19 @@ impl Jobs {
     /// Creates a Job (a tombstone, a record) unless one has its name: `None` when created,
     /// else the Job that has it. In a namespace being deleted, nothing is created: `None`.
     pub async fn create_unless_taken(&self, job: &Job) -> Result<Option<WatchedJob>> {
-        match self.jobs.create(&PostParams::default(), job).await {
-            Ok(_) => Ok(None),
-            Err(e) if is_code(&e, 409) => self.get(job.metadata.name.as_deref().unwrap_or_default()).await,
-            Err(e) if namespace_terminating(&e) => Ok(None),
-            Err(source) => Err(Error::Kube { verb: "create", source }),
+        let name = job.metadata.name.as_deref().unwrap_or_default();
+        for _ in 0..5 {
+            match self.jobs.create(&PostParams::default(), job).await {
+                Ok(_) => return Ok(None),
+                Err(e) if is_code(&e, 409) => match self.get(name).await? {
+                    Some(taken) => return Ok(Some(taken)),
+                    None => continue, // the one that had the name went meanwhile: create again
+                },
+                Err(e) if namespace_terminating(&e) => return Ok(None),
+                Err(source) => return Err(Error::Kube { verb: "create", source }),
+            }
         }
+        Err(Error::JobConflict(name.to_string()))
     }
 
     /// Stops the Job with this uid from making more pods (after an OOM kill: retrying with the
@@ -595,8 +617,18 @@ where
     }
 }
 
-/// The resourceVersion of this sight of the Job with `uid`, if nothing but its status
-/// changed for a claim: no cancel mark, not replaced, not being deleted.
+/// What a write about a Job saw of it, for a claim.
+enum Sight {
+    /// The Job is there, free to claim: nothing but its status changed (no cancel mark, not
+    /// replaced, not being deleted); its resourceVersion.
+    Free(String),
+    /// Something came first, or another Job has the name.
+    Taken,
+    /// It is gone.
+    Gone,
+}
+
+/// The resourceVersion of this sight of the Job with `uid`, if it is free to claim.
 fn unclaimed_version(job: &Job, uid: &str) -> Option<String> {
     let meta = job_meta(&job.metadata);
     let free = meta.uid == uid && meta.cancelled.is_none() && !meta.replaced && !meta.deleting;
@@ -606,8 +638,10 @@ fn unclaimed_version(job: &Job, uid: &str) -> Option<String> {
 /// What an existing Job of a request's name and identity is to that request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Existing {
-    /// A cancel came first (a tombstone, or a cancelled Job).
+    /// A cancel came first: a tombstone.
     Cancelled,
+    /// Its Job was cancelled and the cancel is not reported yet (the reporter will).
+    BeingCancelled,
     /// The same request, and its outcome is reported, claimed, or being decided (someone is
     /// deleting it): answered from it, never run again.
     Finished,
@@ -618,8 +652,12 @@ enum Existing {
 }
 
 fn existing_job(meta: &JobMeta, fingerprint: &str) -> Existing {
-    if meta.cancelled.is_some() {
+    if meta.cancelled.is_some() && meta.fingerprint.is_empty() {
         Existing::Cancelled
+    } else if meta.cancelled.is_some() && meta.reported.is_none() {
+        Existing::BeingCancelled
+    } else if meta.cancelled.is_some() {
+        Existing::Finished // its cancel is reported (a record now): answered from it
     } else if meta.fingerprint != fingerprint || meta.replaced {
         Existing::Outdated
     } else if meta.reported.is_some() || meta.claimed.is_some() || meta.deleting {
@@ -646,7 +684,11 @@ mod tests {
         assert_eq!(existing_job(&claimed, "fp"), Existing::Finished);
         let going = JobMeta { deleting: true, ..meta("fp") };
         assert_eq!(existing_job(&going, "fp"), Existing::Finished, "its outcome is `lost`: not run again");
-        let cancelled = JobMeta { cancelled: Some("user".into()), ..meta("") };
-        assert_eq!(existing_job(&cancelled, "fp"), Existing::Cancelled);
+        let tombstone = JobMeta { cancelled: Some("user".into()), ..meta("") };
+        assert_eq!(existing_job(&tombstone, "fp"), Existing::Cancelled);
+        let cancelling = JobMeta { cancelled: Some("user".into()), ..meta("fp") };
+        assert_eq!(existing_job(&cancelling, "fp"), Existing::BeingCancelled, "the reporter tells it, once");
+        let told = JobMeta { reported: Some(JobState::Cancelled), ..cancelling };
+        assert_eq!(existing_job(&told, "fp"), Existing::Finished, "answered from its record");
     }
 }

@@ -215,24 +215,28 @@ pub fn claim_patch(uid: &str, resource_version: &str, state: JobState) -> serde_
     }})
 }
 
-/// The patch that makes a finished Job a record of its outcome, kept `record.keep_for` from
-/// `now` — not from when the Job finished: Kubernetes counts `ttlSecondsAfterFinished` from the
-/// Job's end (and `activeDeadlineSeconds` from its start, for one stopped before it ended),
-/// so both are lengthened by the time already gone, or a record made late (after an outage)
-/// would vanish at once.
+/// The patch that makes a finished Job a record of its outcome, kept at least
+/// `record.keep_for` from `now` — not from when the Job finished: Kubernetes counts
+/// `ttlSecondsAfterFinished` from the Job's end, so for a Job that ended before `now` (its
+/// report came late, after an outage) the time already gone is added, or the record would
+/// vanish at once. A Job that has not ended by Kubernetes' account (stopped after an OOM
+/// kill, say: its `Failed` condition may come a moment later) ends at the latest by its
+/// deadline, `keep_for` from now, and goes `keep_for` after it ends. (The reporter also deletes
+/// records at `record.until`: the TTL is the backstop when no worker is left.)
 pub fn record_patch(record: &Record<'_>, view: &JobView, now: jiff::Timestamp) -> serde_json::Value {
     let keep = i64::try_from(record.keep_for.as_secs()).unwrap_or(i64::MAX).max(1);
-    let since = |t: Option<jiff::Timestamp>| t.map_or(0, |t| now.duration_since(t).as_secs().max(0));
+    let since = |t: jiff::Timestamp| now.duration_since(t).as_secs().max(0);
+    let ttl = |seconds: i64| i32::try_from(seconds).unwrap_or(i32::MAX);
     let finished = view.finished_at.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
     let spec = match finished {
         Some(end) => serde_json::json!({
             "parallelism": 0,
-            "ttlSecondsAfterFinished": i32::try_from(keep.saturating_add(since(Some(end)))).unwrap_or(i32::MAX),
+            "ttlSecondsAfterFinished": ttl(keep.saturating_add(since(end))),
         }),
         None => serde_json::json!({
             "parallelism": 0,
-            "activeDeadlineSeconds": keep.saturating_add(since(view.created)),
-            "ttlSecondsAfterFinished": 0,
+            "activeDeadlineSeconds": keep.saturating_add(view.created.map_or(0, since)),
+            "ttlSecondsAfterFinished": ttl(keep),
         }),
     };
     serde_json::json!({

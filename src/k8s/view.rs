@@ -4,8 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::watched::{WatchedJob, WatchedPod};
 use crate::domain::keys::{
-    ANN_ATTEMPT, ANN_CANCELLED, ANN_CLAIMED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REASON, ANN_REPLACED,
-    ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, FINALIZER,
+    ANN_ATTEMPT, ANN_CANCELLED, ANN_CLAIMED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_HANDLER, ANN_JOB_ID, ANN_REASON,
+    ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, FINALIZER,
 };
 use crate::domain::{
     event::JobState,
@@ -28,6 +28,7 @@ pub fn job_meta(metadata: &ObjectMeta) -> JobMeta {
         job_id: ann.get(ANN_JOB_ID).cloned().unwrap_or_default(),
         attempt: ann.get(ANN_ATTEMPT).and_then(|a| a.parse().ok()),
         fingerprint: ann.get(ANN_FINGERPRINT).cloned().unwrap_or_default(),
+        handler: ann.get(ANN_HANDLER).cloned(),
         cancelled: ann.get(ANN_CANCELLED).cloned(),
         replaced: ann.contains_key(ANN_REPLACED),
         reported: ann.get(ANN_REPORTED).and_then(|s| JobState::parse(s)),

@@ -17,7 +17,7 @@ use crate::{
         job::{plan_record, Record},
         outcome::classify,
     },
-    k8s::{jobs::Claim, render, view::job_meta},
+    k8s::{jobs::Claim, render},
     observe::Observation,
     retry::{self, Budget},
 };
@@ -82,6 +82,7 @@ async fn record(ctx: &Context, report: &Report) -> crate::error::Result<bool> {
     match outcome_record(ctx, report) {
         Some(record) => {
             let kept = ctx.jobs.record(&report.meta.name, &report.meta.uid, &record, &report.view).await?;
+            tracing::debug!(job_name = report.meta.name, kept, "record");
             if !kept {
                 create_record(ctx, report).await?;
             }
@@ -105,7 +106,9 @@ async fn record_then_delete_pods(ctx: &Arc<Context>, report: &Report) -> crate::
 async fn create_record(ctx: &Context, report: &Report) -> crate::error::Result<()> {
     let Some(record) = outcome_record(ctx, report) else { return Ok(()) };
     let plan = plan_record(&ctx.defaults, &report.meta, &record);
-    ctx.jobs.create_record(&render::job(&plan, ctx.jobs.namespace())).await
+    let taken = ctx.jobs.create_unless_taken(&render::job(&plan, ctx.jobs.namespace())).await?;
+    tracing::debug!(job_name = report.meta.name, taken = ?taken.map(|j| j.metadata.uid), "record created");
+    Ok(())
 }
 
 /// Marks the preempted Job due for its next resubmission and publishes the sealed intent to
@@ -119,8 +122,7 @@ async fn intend_resubmission(ctx: &Context, report: &Report) -> crate::error::Re
         return Ok(()); // gone or replaced meanwhile
     }
     let Some(key) = ctx.leadership.sealing_key() else { return Err(crate::error::Error::NoSealingKey) };
-    let intent =
-        JobResubmit::sealed(&key, &meta.job_id, meta.attempt, &meta.name, &meta.fingerprint, &meta.uid, resubmission);
+    let intent = JobResubmit::sealed(&key, meta, resubmission);
     let body = serde_json::to_vec(&intent)?;
     let queue = &ctx.settings.amqp.control_queue;
     let failed = |err: &crate::error::Error, _| tracing::warn!(job_name = %meta.name, error = %err, "publishing a resubmission failed");
@@ -131,17 +133,13 @@ async fn intend_resubmission(ctx: &Context, report: &Report) -> crate::error::Re
     }
 }
 
-/// Whether a report owed only "unless recorded" is owed after all: its Job did not become a
-/// record (the executor looks, the tracker cannot).
+/// Whether a report owed only "unless recorded" is owed after all: nothing has the Job's name
+/// any more. (Its own Job there is that Job become a record; another is a record made of its
+/// outcome, a replacement, or a Job of the same request that reports for itself, with the
+/// same event ids.)
 async fn still_owed(ctx: &Context, report: &Report) -> bool {
     match ctx.jobs.get(&report.meta.name).await {
-        Ok(Some(job)) => {
-            let meta = job_meta(&job.metadata);
-            let recorded =
-                meta.uid == report.meta.uid || (meta.reported.is_some() && meta.fingerprint == report.meta.fingerprint);
-            !recorded
-        }
-        Ok(None) => true,
+        Ok(found) => found.is_none(),
         Err(err) => {
             kube_error(ctx, "get", report, &err);
             true // when in doubt, report (the same event id)
@@ -169,12 +167,11 @@ pub(super) async fn run(
         if decision::wants_fresh_pods(report.outcome.state, report.pods.len()) {
             refresh(&ctx, &mut report).await;
         }
-        let (meta, state) = (&report.meta, report.outcome.state);
-        let presence = decision::Presence::of(report.exists, meta);
-        let plan = decision::plan(&report.outcome, presence, meta.resubmissions, &ctx.rules);
+        let presence = decision::Presence::of(report.exists, &report.meta);
+        let mut plan = decision::plan(&report.outcome, presence, report.meta.resubmissions, &ctx.rules);
         if let Some(delay) = plan.resubmit_after {
             if plan.stop {
-                if let Err(err) = ctx.jobs.stop(&meta.name, &meta.uid).await {
+                if let Err(err) = ctx.jobs.stop(&report.meta.name, &report.meta.uid).await {
                     kube_error(&ctx, "patch", &report, &err);
                 }
             }
@@ -183,9 +180,16 @@ pub(super) async fn run(
             continue;
         }
         if plan.claim {
+            let (meta, state) = (&report.meta, report.outcome.state);
             match ctx.jobs.claim(&meta.name, &meta.uid, &meta.resource_version, state, plan.stop).await {
                 Ok(Claim::Claimed) => {}
-                // A cancel (or a status update) came first: the tracker classifies it again.
+                // Someone deleted it meanwhile: its outcome is told all the same, and recorded.
+                Ok(Claim::Gone) => {
+                    let gone = decision::Presence::Gone;
+                    plan = decision::plan(&report.outcome, gone, meta.resubmissions, &ctx.rules);
+                    report.exists = false;
+                }
+                // A cancel (or a replacement) came first: the tracker classifies it again.
                 Ok(Claim::Changed) => {
                     let _ = dropped.send(report);
                     continue;
@@ -197,10 +201,11 @@ pub(super) async fn run(
                 }
             }
         } else if plan.stop {
-            if let Err(err) = ctx.jobs.stop(&meta.name, &meta.uid).await {
+            if let Err(err) = ctx.jobs.stop(&report.meta.name, &report.meta.uid).await {
                 kube_error(&ctx, "patch", &report, &err);
             }
         }
+        let (meta, state) = (&report.meta, report.outcome.state);
         if !report.exists && state == crate::domain::event::JobState::Lost {
             // Deleted while it ran: its pods go before `lost` is told, not some time after.
             if let Err(err) = ctx.jobs.delete_pods(&meta.name, &meta.uid).await {
@@ -213,6 +218,7 @@ pub(super) async fn run(
                 attempt: meta.attempt,
                 job_name: &meta.name,
                 fingerprint: &meta.fingerprint,
+                handler: meta.handler.as_deref(),
             };
             let mut event =
                 ctx.reporter.event(&subject, state, decision::reason(&report.outcome.reason, meta.resubmissions));
@@ -258,6 +264,7 @@ pub(super) async fn run(
 /// Carries out a cleanup: what follows at once, and schedules what follows later.
 async fn clean_up(ctx: &Arc<Context>, report: &Report, cleanup: Cleanup) -> crate::error::Result<()> {
     let (meta, state) = (&report.meta, report.outcome.state);
+    tracing::debug!(job_id = meta.job_id, job_name = meta.name, ?cleanup, exists = report.exists, "cleanup");
     let delete_later =
         |delay| {
             later(ctx, report, delay, "delete", |ctx, r| async move {

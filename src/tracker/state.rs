@@ -313,9 +313,13 @@ impl TrackerState {
                 self.retry.insert(report.meta.uid.clone());
             }
             Some(_) => {}
-            // The Job is gone: only the report itself remembers what is owed.
-            None if !report.exists => self.departed.push((std::time::Instant::now(), report)),
-            None => {}
+            // The Job went meanwhile, and its delete found the report handed out: only the
+            // report itself remembers what is owed — unless the Job became a record (the
+            // executor looks).
+            None => {
+                let report = Report { exists: false, unless_recorded: true, ..report };
+                self.departed.push((std::time::Instant::now(), report));
+            }
         }
     }
 

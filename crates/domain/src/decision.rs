@@ -45,6 +45,8 @@ pub enum JobAction {
     Replaced,
     /// A cancel came first: the request is not started.
     AlreadyCancelled,
+    /// Its Job was cancelled since: the reporter tells Galaxy, once; nothing to answer here.
+    BeingCancelled,
     /// The same request already ran to its end: its recorded outcome answers it.
     AlreadyFinished,
 }
@@ -57,6 +59,7 @@ impl JobAction {
             JobAction::Adopted => "adopted",
             JobAction::Replaced => "replaced",
             JobAction::AlreadyCancelled => "already_cancelled",
+            JobAction::BeingCancelled => "being_cancelled",
             JobAction::AlreadyFinished => "already_finished",
         }
     }

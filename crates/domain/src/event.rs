@@ -26,6 +26,10 @@ pub struct JobEvent {
     /// Galaxy instance id of the worker, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// The Galaxy job handler the job's request came from, when it named one: the event is
+    /// routed to it (`<instance>.<handler>.<state>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
     /// What happened.
     pub state: JobState,
     /// Why, in words an admin can act on.
@@ -59,6 +63,8 @@ pub struct Subject<'a> {
     pub job_name: &'a str,
     /// Request fingerprint ("" when unknown, as for cancels of unseen requests).
     pub fingerprint: &'a str,
+    /// The Galaxy job handler its events go to, when known.
+    pub handler: Option<&'a str>,
 }
 
 /// Who publishes events: the instance they belong to and the replica that sends them.
@@ -80,6 +86,7 @@ impl Reporter {
             attempt: subject.attempt,
             job_name: subject.job_name.to_string(),
             instance_id: self.instance_id.clone(),
+            handler: subject.handler.map(str::to_string),
             state,
             reason: reason.into(),
             exit_code: None,
@@ -230,7 +237,8 @@ mod tests {
     #[test]
     fn a_reporter_makes_events_with_stable_ids() {
         let r = Reporter { instance_id: Some("main".into()), worker_id: "w1".into() };
-        let subject = Subject { job_id: "1", attempt: Some(2), job_name: "galaxy-main-1-2", fingerprint: "fp" };
+        let subject =
+            Subject { job_id: "1", attempt: Some(2), job_name: "galaxy-main-1-2", fingerprint: "fp", handler: None };
         let e = r.event(&subject, JobState::Running, "pod p is running");
         assert_eq!(e.event_id, event_id("galaxy-main-1-2", "fp", JobState::Running));
         assert_eq!((e.instance_id.as_deref(), e.attempt, e.worker_id.as_str()), (Some("main"), Some(2), "w1"));

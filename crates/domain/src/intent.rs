@@ -33,29 +33,25 @@ pub struct JobResubmit {
     pub replaces_uid: String,
     /// Which resubmission this is (1 for the first).
     pub resubmission: u32,
+    /// The Galaxy job handler the job's events go to, when its request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
     /// Hex HMAC-SHA256 of the fields above, keyed with the workers' sealing key.
     pub seal: String,
 }
 
 impl JobResubmit {
     /// A sealed intent.
-    pub fn sealed(
-        key: &[u8],
-        job_id: &str,
-        attempt: Option<u32>,
-        job_name: &str,
-        fingerprint: &str,
-        replaces_uid: &str,
-        resubmission: u32,
-    ) -> Self {
+    pub fn sealed(key: &[u8], job: &crate::outcome::JobMeta, resubmission: u32) -> Self {
         let mut intent = JobResubmit {
             schema: RESUBMIT_SCHEMA.to_string(),
-            job_id: job_id.to_string(),
-            attempt,
-            job_name: job_name.to_string(),
-            fingerprint: fingerprint.to_string(),
-            replaces_uid: replaces_uid.to_string(),
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+            job_name: job.name.clone(),
+            fingerprint: job.fingerprint.clone(),
+            replaces_uid: job.uid.clone(),
             resubmission,
+            handler: job.handler.clone(),
             seal: String::new(),
         };
         intent.seal = hex(&hmac_sha256(key, &intent.sealed_text()));
@@ -187,7 +183,17 @@ mod tests {
     use super::*;
 
     fn intent(key: &[u8]) -> JobResubmit {
-        JobResubmit::sealed(key, "3", None, "galaxy-main-3", "fp", "uid-1", 1)
+        JobResubmit::sealed(key, &meta("3", "uid-1"), 1)
+    }
+
+    fn meta(job_id: &str, uid: &str) -> crate::outcome::JobMeta {
+        crate::outcome::JobMeta {
+            name: format!("galaxy-main-{job_id}"),
+            uid: uid.into(),
+            job_id: job_id.into(),
+            fingerprint: "fp".into(),
+            ..Default::default()
+        }
     }
 
     fn found(uid: &str, due: Option<u32>) -> Found {

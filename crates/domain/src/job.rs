@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use crate::{
     keys::{
-        ANN_ATTEMPT, ANN_CANCELLED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_JOB_ID, ANN_REASON, ANN_RECORD_UNTIL,
-        ANN_REPORTED, LABEL_APP, LABEL_INSTANCE, LABEL_JOB_ID, LABEL_RECORD, MANAGED_BY,
+        ANN_ATTEMPT, ANN_CANCELLED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_HANDLER, ANN_JOB_ID, ANN_REASON,
+        ANN_RECORD_UNTIL, ANN_REPORTED, LABEL_APP, LABEL_INSTANCE, LABEL_JOB_ID, LABEL_RECORD, MANAGED_BY,
     },
     naming::{self, Naming},
     outcome::JobMeta,
@@ -350,6 +350,9 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
     if let Some(attempt) = request.attempt {
         ours.insert(ANN_ATTEMPT.into(), attempt.to_string());
     }
+    if let Some(handler) = &request.handler {
+        ours.insert(ANN_HANDLER.into(), handler.clone());
+    }
     let slots_from = limits.cpu.as_deref().or(requests.cpu.as_deref()).and_then(policy::cpu);
     let memory_from = limits.memory.as_deref().or(requests.memory.as_deref()).and_then(policy::memory);
     let positive = |id: Option<i64>| id.filter(|id| *id > 0);
@@ -392,12 +395,21 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
 
 /// A Job that keeps a cancelled-but-unseen request from starting: same name, no pods
 /// (`parallelism: 0`), gone after `tombstone_seconds` via its deadline and TTL.
-pub fn plan_tombstone(defaults: &JobDefaults, job_id: &str, attempt: Option<u32>, reason: &str) -> JobPlan {
+pub fn plan_tombstone(
+    defaults: &JobDefaults,
+    job_id: &str,
+    attempt: Option<u32>,
+    handler: Option<&str>,
+    reason: &str,
+) -> JobPlan {
     let name = defaults.naming.job_name(job_id, attempt);
     let mut annotations =
         Map::from([(ANN_JOB_ID.to_string(), job_id.to_string()), (ANN_CANCELLED.to_string(), reason.to_string())]);
     if let Some(attempt) = attempt {
         annotations.insert(ANN_ATTEMPT.into(), attempt.to_string());
+    }
+    if let Some(handler) = handler {
+        annotations.insert(ANN_HANDLER.into(), handler.to_string());
     }
     JobPlan {
         labels: defaults.base_labels(&name, job_id),
@@ -484,7 +496,7 @@ const MAX_RECORDED_REASON: usize = 2048;
 /// A record Job for a job whose own Job is gone: same name, no pods, the outcome in its
 /// annotations, out of the tracker's watch, removed by Kubernetes when it expires.
 pub fn plan_record(defaults: &JobDefaults, meta: &JobMeta, record: &Record<'_>) -> JobPlan {
-    let mut plan = plan_tombstone(defaults, &meta.job_id, meta.attempt, "");
+    let mut plan = plan_tombstone(defaults, &meta.job_id, meta.attempt, meta.handler.as_deref(), "");
     plan.annotations.remove(ANN_CANCELLED);
     plan.annotations.insert(ANN_FINGERPRINT.to_string(), meta.fingerprint.clone());
     plan.annotations.extend(record.annotations());
@@ -569,7 +581,7 @@ mod tests {
 
     #[test]
     fn a_tombstone_never_runs_a_pod() {
-        let t = plan_tombstone(&main(), "42", None, "user");
+        let t = plan_tombstone(&main(), "42", None, None, "user");
         assert_eq!((t.name.as_str(), t.parallelism), ("galaxy-main-42", 0));
         assert_eq!(t.annotations[ANN_CANCELLED], "user");
         assert!(!t.annotations.contains_key(ANN_FINGERPRINT), "a tombstone is never reported");

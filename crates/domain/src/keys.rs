@@ -11,6 +11,8 @@ pub const LABEL_INSTANCE: &str = "k8s-job-worker/instance-id";
 pub const LABEL_JOB_ID: &str = "k8s-job-worker/galaxy-job-id";
 /// Annotation with the exact Galaxy job id.
 pub const ANN_JOB_ID: &str = "k8s-job-worker/galaxy-job-id";
+/// Annotation with the Galaxy job handler that sent the request (its events go to it).
+pub const ANN_HANDLER: &str = "k8s-job-worker/handler";
 /// Annotation with the request's attempt number.
 pub const ANN_ATTEMPT: &str = "k8s-job-worker/attempt";
 /// Annotation with the request fingerprint; a different fingerprint means a different request.

@@ -122,6 +122,23 @@ impl Naming {
     }
 }
 
+/// A name as one word of an AMQP topic routing key: `%`, `.`, `*` and `#` written `%25`,
+/// `%2E`, `%2A`, `%23`, so a handler named `main.1` is one word and matches no pattern meant
+/// for another (`<instance>.<handler>.*`). The Galaxy plugin writes it the same way.
+pub fn routing_word(name: &str) -> String {
+    let mut word = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' => word.push_str("%25"),
+            '.' => word.push_str("%2E"),
+            '*' => word.push_str("%2A"),
+            '#' => word.push_str("%23"),
+            c => word.push(c),
+        }
+    }
+    word
+}
+
 /// The Job name of a request: a DNS-1123 label of at most 63 characters, different for
 /// every different (instance id or none, job id, attempt or none) under one prefix.
 ///
@@ -328,6 +345,14 @@ mod tests {
         let err = name_prefix("galaxy-main").unwrap_err().to_string();
         assert!(err.contains("without '-'"), "{err}");
         assert!(name_prefix("galaxy").is_ok() && name_prefix("g2").is_ok());
+    }
+
+    #[test]
+    fn a_handler_is_one_routing_word_however_it_is_named() {
+        assert_eq!(routing_word("main"), "main");
+        assert_eq!(routing_word("main.job-handlers.1"), "main%2Ejob-handlers%2E1");
+        assert_eq!(routing_word("a%2Eb"), "a%252Eb", "never the same as a.b");
+        assert_eq!(routing_word("*#"), "%2A%23", "no wildcard");
     }
 
     #[test]

@@ -191,6 +191,8 @@ pub struct JobMeta {
     pub attempt: Option<u32>,
     /// Request fingerprint (empty on a cancel tombstone).
     pub fingerprint: String,
+    /// The Galaxy job handler its events are routed to, when the request named one.
+    pub handler: Option<String>,
     /// Set when a cancel was received for it: why.
     pub cancelled: Option<String>,
     /// Set when it is being replaced by a newer request.

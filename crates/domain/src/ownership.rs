@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn item7_a_tombstone_carries_the_identity_of_its_job() {
         let defaults = JobDefaults { naming: main(), ..JobDefaults::default() };
-        let t = plan_tombstone(&defaults, "42", Some(3), "user");
+        let t = plan_tombstone(&defaults, "42", Some(3), None, "user");
         let meta = JobMeta {
             name: t.name.clone(),
             job_id: t.annotations[crate::keys::ANN_JOB_ID].clone(),

@@ -98,6 +98,10 @@ pub struct JobRequest {
     /// Extra annotations on the Job and its pods (same rule as `labels`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The Galaxy job handler that sent it (`server_name`): its job's events are routed to
+    /// it, `<instance>.<handler>.<state>` (see [`crate::naming::routing_word`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
 }
 
 /// A container image, as one reference or as Galaxy's destination parameters.
@@ -196,6 +200,9 @@ pub struct JobControl {
     /// Why, for the `cancelled` event's reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The Galaxy job handler that asks: the answer is routed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
 }
 
 fn default_action() -> ControlAction {
@@ -214,6 +221,13 @@ pub fn readable_job_id(body: &[u8]) -> Option<String> {
     (!id.is_empty() && id.len() <= MAX_JOB_ID && !id.chars().any(char::is_control)).then_some(id)
 }
 
+/// Best effort: the handler of a message that failed to parse (its answer is routed to it).
+pub fn readable_handler(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let handler = value.get("handler")?.as_str()?;
+    check_handler(handler).ok().map(|()| handler.to_string())
+}
+
 /// Best effort: the attempt of a message that failed to parse (it names the Job).
 pub fn readable_attempt(body: &[u8]) -> Option<u32> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -230,6 +244,9 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
         return Err(ValidationError::Schema(format!("schema is {:?}, expected {REQUEST_SCHEMA:?}", request.schema)));
     }
     check_job_id(&request.job_id)?;
+    if let Some(handler) = &request.handler {
+        check_handler(handler)?;
+    }
     if request.command_line.trim().is_empty() {
         return Err(ValidationError::invalid("command_line", "is empty"));
     }
@@ -319,6 +336,9 @@ pub fn parse_control(body: &[u8], max_bytes: usize) -> Result<JobControl, Valida
         return Err(ValidationError::Schema(format!("schema is {:?}, expected {CONTROL_SCHEMA:?}", control.schema)));
     }
     check_job_id(&control.job_id)?;
+    if let Some(handler) = &control.handler {
+        check_handler(handler)?;
+    }
     let mut control = control;
     if let Some(reason) = control.reason.as_mut().filter(|r| r.len() > MAX_REASON) {
         let mut end = MAX_REASON - '…'.len_utf8();
@@ -329,6 +349,16 @@ pub fn parse_control(body: &[u8], max_bytes: usize) -> Result<JobControl, Valida
         reason.push('…');
     }
     Ok(control)
+}
+
+/// Longest accepted handler name.
+pub const MAX_HANDLER: usize = 255;
+
+fn check_handler(handler: &str) -> Result<(), ValidationError> {
+    if handler.is_empty() || handler.len() > MAX_HANDLER || handler.chars().any(char::is_control) {
+        return Err(ValidationError::invalid("handler", "must be 1-255 printable characters"));
+    }
+    Ok(())
 }
 
 fn check_job_id(id: &str) -> Result<(), ValidationError> {
@@ -417,7 +447,13 @@ mod tests {
             parse_control_message(&serde_json::to_vec(&cancel).unwrap(), 1 << 20),
             Ok(ControlMessage::Control(_))
         ));
-        let intent = crate::intent::JobResubmit::sealed(b"k", "1", None, "galaxy-main-1", "fp", "u1", 1);
+        let job = crate::outcome::JobMeta {
+            name: "galaxy-main-1".into(),
+            uid: "u1".into(),
+            job_id: "1".into(),
+            ..Default::default()
+        };
+        let intent = crate::intent::JobResubmit::sealed(b"k", &job, 1);
         let Ok(ControlMessage::Resubmit(r)) = parse_control_message(&serde_json::to_vec(&intent).unwrap(), 1 << 20)
         else {
             panic!("a resubmission intent")

@@ -267,6 +267,7 @@ impl Env {
                         attempt: request.attempt,
                         job_name: &plan.name,
                         fingerprint: &fingerprint,
+                        handler: request.handler.as_deref(),
                     };
                     let mut event = reporter.event(&subject, JobState::Submitted, format!("job {} created", plan.name));
                     broker.publish_event(&mut event).await?;
@@ -288,6 +289,7 @@ impl Env {
             prefetch: u16::try_from(2 * args.concurrency).unwrap_or(u16::MAX),
             tag: "relay".into(),
             grace: Duration::from_secs(10),
+            consumer_timeout: None,
         };
         let consuming = tokio::spawn(consume(broker.clone(), subscription, stop.clone(), relay));
         let took = self.burst(args.burst).await;

@@ -82,6 +82,9 @@ pub struct Args {
     /// AMQP URL.
     #[arg(long, env = "AMQP_URL")]
     amqp_url: String,
+    /// The workers' RUST_LOG.
+    #[arg(long, default_value = "info")]
+    worker_log: String,
 }
 
 /// A tiny xorshift generator: reproducible chaos without another dependency.
@@ -171,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
     spec.bin = std::env::current_exe()?.with_file_name("k8s-job-worker");
     spec.instance_id = Some("chaos".into());
     spec.log_dir = log_dir.clone();
-    spec.rust_log = "info".into();
+    spec.rust_log = args.worker_log.clone();
     spec.env = [
         ("K8S_JOB_TTL_SECS_AFTER_FINISHED", "1".to_string()),
         ("AMQP_RETRY_WINDOW_SECONDS", args.retry_window_seconds.to_string()),
@@ -188,6 +191,22 @@ async fn main() -> anyhow::Result<()> {
         replicas.start(i)?;
     }
     tally.wait_for_queues().await?;
+    // Forged intents on the control queue (anyone with Galaxy's broker credentials can write
+    // there): one carrying a privileged Job, one without the workers' seal. Nothing may come of
+    // them but a dead letter.
+    let forged = vec!["forged-1".to_string(), "forged-2".to_string()];
+    let privileged = json!({"metadata": {"name": "galaxy-chaos-forged-1"}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+        "containers": [{"name": "c", "image": "busybox", "command": ["/bin/sh", "-c", "echo owned"],
+            "securityContext": {"privileged": true}, "volumeMounts": [{"name": "root", "mountPath": "/host"}]}]}}}});
+    tally
+        .publish_control(&json!({"schema": "k8s-job-worker/job-resubmit/v1", "job_id": "forged-1",
+        "job_name": "galaxy-chaos-forged-1", "replaces_uid": "x", "job": privileged}))
+        .await;
+    tally
+        .publish_control(&json!({"schema": "k8s-job-worker/job-resubmit/v1", "job_id": "forged-2",
+        "job_name": "galaxy-chaos-forged-2", "fingerprint": "f", "replaces_uid": "x", "resubmission": 1, "seal": "00"}))
+        .await;
     let replicas = Arc::new(Mutex::new(replicas));
     let deleter = Arc::new(deleter::Deleter::default());
     tokio::spawn(deleter.clone().run(client.clone(), run.clone(), args.delete_finished_one_in));
@@ -209,6 +228,9 @@ async fn main() -> anyhow::Result<()> {
         let gap = Duration::from_secs(args.publish_seconds) / args.jobs.max(1) as u32;
         tokio::spawn(async move {
             for (n, (job_id, kind)) in plan.into_iter().enumerate() {
+                // A status storm: each job is asked for before its request is handled (a Galaxy
+                // restarted while the workers have a backlog): `unknown`, never `lost`.
+                tally.publish_status(&job_id).await;
                 tally.publish_request(&request(&job_id, kind, n, &runs)).await;
                 if kind == Kind::Cancel {
                     let tally = tally.clone();
@@ -254,8 +276,7 @@ async fn main() -> anyhow::Result<()> {
             broker_done = true;
             eprintln!("[chaos] restarting RabbitMQ");
             let at = Instant::now();
-            run_cmd("rabbitmqctl", &["stop_app"])?;
-            run_cmd("rabbitmqctl", &["start_app"])?;
+            run_cmd(&args.testenv, &["restart", "rabbitmq"])?;
             recoveries.push(("rabbitmq", tally.probe("probe-broker", at).await));
         }
         if !api_done && t > publish * 3 / 5 {
@@ -300,7 +321,6 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    replicas.lock().await.stop_all();
 
     let redelivered: Vec<String> = again.into_iter().map(|(id, _)| id).collect();
     let outcome = tally::Outcome {
@@ -310,9 +330,17 @@ async fn main() -> anyhow::Result<()> {
         redelivered: &redelivered,
         before_redelivery,
         deleted_by_others: deleter.count(),
+        forged: &forged,
     };
     let report = tally::report(&client, &run, &tally, &expected, &outcome).await?;
+    // Last, the namespace is deleted while the workers run: nothing may hold it.
+    let namespace_gone = delete_namespace(&client, &run, Duration::from_secs(60)).await;
+    replicas.lock().await.stop_all();
     println!("{}", report.table());
+    match namespace_gone {
+        Some(took) => println!("{:<44} {:.1}", "namespace deleted at the end, in (s)", took.as_secs_f64()),
+        None => println!("{:<44} not within 60 s", "namespace deleted at the end, in (s)"),
+    }
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)?;
     }
@@ -320,12 +348,28 @@ async fn main() -> anyhow::Result<()> {
     drop_namespace(&client, &run).await;
     eprintln!("[chaos] worker logs: {}", log_dir.display());
     let allowed = args.allowed_duplicates.unwrap_or(args.jobs.div_ceil(100));
-    if report.passed(allowed) {
+    if report.passed(allowed) && namespace_gone.is_some() {
         println!("chaos: PASS");
         Ok(())
     } else {
         anyhow::bail!("chaos: FAIL")
     }
+}
+
+/// Deletes the namespace (nothing released by hand) and waits until it is gone; how long it
+/// took, or `None` when it was not gone within `limit`.
+async fn delete_namespace(client: &kube::Client, name: &str, limit: Duration) -> Option<Duration> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let started = Instant::now();
+    namespaces.delete(name, &Default::default()).await.ok()?;
+    while started.elapsed() < limit {
+        if namespaces.get_opt(name).await.ok()?.is_none() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
 }
 
 /// The number in a chaos job id (`c12-success` → 12).

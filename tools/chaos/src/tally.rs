@@ -99,6 +99,17 @@ impl Tally {
         self.publish(&self.names.request_queue, &serde_json::to_vec(request).unwrap_or_default()).await
     }
 
+    /// Asks for a job's state (as Galaxy does for every job it recovers at start-up).
+    pub async fn publish_status(&self, job_id: &str) {
+        let body = json!({"schema": "k8s-job-worker/job-cancel/v1", "job_id": job_id, "action": "status"});
+        self.publish(&self.names.control_queue, &serde_json::to_vec(&body).unwrap_or_default()).await
+    }
+
+    /// Publishes a raw message to the control queue (a forged intent).
+    pub async fn publish_control(&self, body: &serde_json::Value) {
+        self.publish(&self.names.control_queue, &serde_json::to_vec(body).unwrap_or_default()).await
+    }
+
     pub async fn publish_cancel(&self, job_id: &str) {
         let body = json!({"schema": "k8s-job-worker/job-cancel/v1", "job_id": job_id, "reason": "chaos cancel"});
         self.publish(&self.names.control_queue, &serde_json::to_vec(&body).unwrap_or_default()).await
@@ -127,15 +138,20 @@ impl Tally {
         ids.filter(|id| !events.iter().any(|(_, e)| &e.job_id == *id && e.state.is_terminal())).count()
     }
 
-    async fn dead_lettered(&self) -> u32 {
-        let Ok(client) = self.client().await else { return 0 };
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        client
-            .channel
-            .queue_declare(self.names.dead_letter_queue.clone().into(), passive, FieldTable::default())
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(0)
+    /// The dead letters, by the queue they came from.
+    async fn dead_lettered(&self) -> HashMap<String, u32> {
+        let mut by_queue = HashMap::new();
+        let Ok(client) = self.client().await else { return by_queue };
+        let queue = &self.names.dead_letter_queue;
+        while let Ok(Some(msg)) = client.channel.basic_get(queue.clone().into(), BasicGetOptions { no_ack: true }).await
+        {
+            let source = k8s_job_worker::amqp::publisher::header_str(
+                msg.delivery.properties.headers(),
+                "x-k8s-job-worker-source-queue",
+            );
+            *by_queue.entry(source.unwrap_or_default()).or_default() += 1;
+        }
+        by_queue
     }
 
     pub async fn cleanup(&self) {
@@ -162,6 +178,10 @@ pub struct Report {
     pub run_twice: usize,
     pub dead_lettered: u32,
     pub redelivered_not_answered_from_record: usize,
+    /// Status answers `lost` (a verdict) for jobs whose request was still waiting.
+    pub lost_answers: usize,
+    /// Forged intents that were not dead-lettered, or left a Job or an event.
+    pub forgeries_not_refused: usize,
 }
 
 /// What happened during a run besides the events.
@@ -178,6 +198,8 @@ pub struct Outcome<'a> {
     pub before_redelivery: Instant,
     /// Finished Jobs deleted by "someone else" as soon as they finished.
     pub deleted_by_others: usize,
+    /// Job ids of the forged intents published on the control queue.
+    pub forged: &'a [String],
 }
 
 impl Report {
@@ -189,6 +211,8 @@ impl Report {
             && self.run_twice == 0
             && self.dead_lettered == 0
             && self.redelivered_not_answered_from_record == 0
+            && self.lost_answers == 0
+            && self.forgeries_not_refused == 0
     }
 
     pub fn table(&self) -> String {
@@ -280,8 +304,33 @@ pub async fn report(
     figures.insert("jobs with >1 terminal event", json!(doubled.len()));
     figures.insert("  ... all sharing one event id", json!(deduplicable));
     figures.insert("jobs with an unexpected outcome", json!(unexpected));
-    let dead_lettered = tally.dead_lettered().await;
+    let dead_letters = tally.dead_lettered().await;
+    let dead_lettered = dead_letters.get(&tally.names.request_queue).copied().unwrap_or(0);
     figures.insert("requests dead-lettered", json!(dead_lettered));
+    // A status storm while the requests waited: `unknown`, never a verdict.
+    let status: Vec<&JobEvent> = events.iter().map(|(_, e)| e).filter(|e| e.reason.starts_with("status:")).collect();
+    let lost_answers = status.iter().filter(|e| e.state == JobState::Lost).count();
+    figures.insert("status answers", json!(status.len()));
+    figures.insert(
+        "  ... unknown (the request still waiting)",
+        json!(status.iter().filter(|e| e.state == JobState::Unknown).count()),
+    );
+    figures.insert("  ... lost (must be 0)", json!(lost_answers));
+    // Forged intents on the control queue: dead-lettered, nothing created, no event.
+    let forged_left = outcome
+        .forged
+        .iter()
+        .filter(|id| {
+            all_events.iter().any(|(_, e)| &e.job_id == *id)
+                || listed.iter().any(|j| j.metadata.name.as_deref().is_some_and(|n| n.contains(id.as_str())))
+        })
+        .count();
+    let forged_dead = dead_letters.get(&tally.names.control_queue).copied().unwrap_or(0) as usize;
+    let forgeries_not_refused = forged_left + outcome.forged.len().saturating_sub(forged_dead);
+    figures.insert(
+        "forged intents dead-lettered, nothing created",
+        json!(format!("{forged_dead} of {}", outcome.forged.len())),
+    );
     figures.insert("jobs whose tool ran twice", json!(run_twice.len()));
     figures.insert("finished Jobs deleted at once by someone else", json!(outcome.deleted_by_others));
     figures.insert("requests published again after cleanup", json!(outcome.redelivered.len()));
@@ -308,5 +357,7 @@ pub async fn report(
         run_twice: run_twice.len(),
         dead_lettered,
         redelivered_not_answered_from_record: not_from_record.len(),
+        lost_answers,
+        forgeries_not_refused,
     })
 }
