@@ -54,6 +54,12 @@ pub struct Leadership {
     /// The Lease's uid as last read: the key the replicas seal their intents with (only those
     /// who may read the Lease know it; Galaxy does not).
     lease_uid: std::sync::Mutex<Option<String>>,
+    /// The acquire time of the Lease this replica holds or last held: the same term while it
+    /// only renews, a new one after anyone took it over.
+    term: std::sync::Mutex<Option<String>>,
+    /// The namespace is being deleted: its Lease is gone and cannot be made again, so nobody
+    /// reports any more.
+    namespace_terminating: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Leadership {
@@ -62,6 +68,8 @@ impl Default for Leadership {
             valid_until: std::sync::Mutex::new(None),
             changes: watch::Sender::new(false),
             lease_uid: std::sync::Mutex::new(None),
+            term: std::sync::Mutex::new(None),
+            namespace_terminating: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -92,6 +100,28 @@ impl Leadership {
                 *known = Some(uid.clone());
             }
         }
+    }
+
+    /// The term of the Lease this replica holds or last held (its acquire time). A replica
+    /// that reports again in the term it had — its renewal came late, nobody took the Lease in
+    /// between — knows nothing was reported by anyone else meanwhile.
+    pub fn term(&self) -> Option<String> {
+        self.term.lock().ok()?.clone()
+    }
+
+    /// Whether the namespace is being deleted (the Lease cannot be made again): nobody
+    /// reports, and Jobs the worker's finalizer holds are to be let go by any replica.
+    pub fn namespace_terminating(&self) -> bool {
+        self.namespace_terminating.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Holds `lease` until `until`: records its term, then starts or continues the term.
+    fn hold(&self, lease: &Lease, until: Instant) {
+        let acquired = lease.spec.as_ref().and_then(|s| s.acquire_time.as_ref()).map(|t| t.0.to_string());
+        if let Ok(mut term) = self.term.lock() {
+            *term = acquired;
+        }
+        self.set(Some(until));
     }
 
     /// Watches leadership changes.
@@ -194,8 +224,8 @@ pub async fn run(leases: Api<Lease>, config: LeaseConfig, leadership: Arc<Leader
             match renew(&leases, &config.name, lease).await {
                 Ok(lease) => {
                     leadership.saw(&lease);
+                    leadership.hold(&lease, started + duration);
                     held = Some(lease);
-                    leadership.set(Some(started + duration));
                     if stop.sleep_or_stop(duration / 3).await {
                         break;
                     }
@@ -205,10 +235,26 @@ pub async fn run(leases: Api<Lease>, config: LeaseConfig, leadership: Arc<Leader
             }
         }
         match try_acquire(&leases, &config, duration, &mut observed, &mut held, &leadership).await {
-            Ok(true) => leadership.set(Some(started + duration)),
+            Ok(true) => {
+                if let Some(lease) = &held {
+                    leadership.hold(lease, started + duration);
+                }
+            }
             Ok(false) => leadership.set(None),
-            // Keep the term only while it is still valid by our clock (is_leader checks).
-            Err(err) => tracing::debug!(%err, lease = config.name, "lease renewal failed"),
+            // Keep the term only while it is still valid by our clock (is_leader checks). What
+            // was observed of another holder's Lease is forgotten: once the apiserver answers
+            // again, its holder gets a whole `duration` to renew before anyone takes over (a
+            // takeover would repeat the outcomes the holder told but could not record during
+            // the outage; found in a chaos run).
+            Err(err) => {
+                observed = None;
+                let terminating =
+                    matches!(&err, kube::Error::Api(e) if e.code == 403 && e.message.contains("being terminated"));
+                if terminating && !leadership.namespace_terminating.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(lease = config.name, "the namespace is being deleted: nobody reports any more");
+                }
+                tracing::debug!(%err, lease = config.name, "lease renewal failed");
+            }
         }
         if stop.sleep_or_stop(duration / 3).await {
             break;

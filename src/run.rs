@@ -18,7 +18,10 @@ use crate::{
     control::handle_control,
     domain::{decision::Rules, event::Reporter},
     http::Health,
-    k8s::jobs::{Jobs, JobsConfig},
+    k8s::{
+        client::Clients,
+        jobs::{Jobs, JobsConfig},
+    },
     leader::{self, Leadership, LeaseConfig},
     observe::{Metrics, Observation},
     shutdown::Shutdown,
@@ -30,7 +33,8 @@ use crate::{
 const CANCELLED_JOB_GRACE: Duration = Duration::from_secs(15);
 
 /// Runs the worker until `shutdown` is triggered, then stops within the grace period.
-pub async fn run(settings: Settings, client: kube::Client, http: tokio::net::TcpListener, shutdown: Shutdown) {
+pub async fn run(settings: Settings, clients: Clients, http: tokio::net::TcpListener, shutdown: Shutdown) {
+    let client = clients.requests;
     let worker_id = settings.worker_id();
     let broker = Arc::new(Broker::new(settings.amqp.clone(), format!("k8s-job-worker {worker_id}")));
     let metrics = Arc::new(Metrics::default());
@@ -43,7 +47,8 @@ pub async fn run(settings: Settings, client: kube::Client, http: tokio::net::Tcp
             deletion_timeout: Duration::from_secs(settings.kube.k8s_timeout_seconds_job_deletion),
             max_concurrent_creates: settings.kube.k8s_max_concurrent_creates,
         },
-    );
+    )
+    .with_watch_client(clients.watches);
     let health = Arc::new(Health {
         worker_id: worker_id.clone(),
         broker: broker.clone(),

@@ -11,6 +11,7 @@ env``.
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -105,6 +107,55 @@ def kubectl(*args: str) -> str:
     ).stdout
 
 
+def galaxy_job_number(job: dict) -> str:
+    """Galaxy's (decoded) job id, from the external id ``galaxy-<instance>-<id>`` (a
+    resubmission's ends in ``-a<attempt>``)."""
+    return re.sub(r"-a\d+$", "", job["external_id"]).rsplit("-", 1)[-1]
+
+
+def finishing_lines(galaxy: "GalaxyServer", job: dict) -> list[str]:
+    """The plugin's log lines of ``galaxy`` saying it handed the job's terminal event to Galaxy."""
+    pattern = re.compile(rf"\({galaxy_job_number(job)}/[^)]*\) \w+ event \(attempt \d+\): (finish|fail)")
+    return [line for line in galaxy.log_text().splitlines() if pattern.search(line)]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+class Broker:
+    """The environment's RabbitMQ (the one ``AMQP_URL`` names), restarted as an operator
+    restarts it (``scripts/testenv restart rabbitmq``: the broker's application stopped, then
+    started; durable queues and their messages stay)."""
+
+    def __init__(self, url: Optional[str] = None):
+        parsed = urllib.parse.urlparse(url or os.environ["AMQP_URL"])
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 5672
+
+    def accepts(self) -> bool:
+        """Whether the broker takes connections now."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def restart(self, down_seconds: float) -> subprocess.Popen:
+        """Stops the broker now and starts it again after ``down_seconds`` (in the background:
+        ``wait()`` on the process returned); returns once it stopped."""
+        process = subprocess.Popen(
+            [str(ROOT / "scripts" / "testenv"), "restart", "rabbitmq", "--down-seconds", str(down_seconds)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_until(lambda: not self.accepts(), "the broker to stop", 60, alive=lambda: process.poll() is None)
+        return process
+
+
 class Names:
     """Unique names for one run: namespace, queues, exchanges, instance id."""
 
@@ -131,12 +182,10 @@ class Worker:
         self.process: Optional[subprocess.Popen] = None
         self.port = 0
 
-    def start(self) -> "Worker":
-        """Creates the namespace, starts the worker, waits for /readyz."""
-        if self.names.namespace not in kubectl("get", "namespaces", "-o", "name"):
-            kubectl("create", "namespace", self.names.namespace)
-        self.port = free_port()
-        env = dict(
+    def env(self) -> dict:
+        """The worker's environment (its namespace, instance id and broker names), for ``run``
+        and for its other subcommands."""
+        return dict(
             os.environ,
             RUST_LOG="info,k8s_job_worker=debug",
             K8S_NAMESPACE=self.names.namespace,
@@ -150,35 +199,39 @@ class Worker:
             HTTP_LISTEN=f"127.0.0.1:{self.port}",
             WORKER_ID=f"{self.names.instance}-worker",
         )
-        self.process = spawn(f"worker-{self.names.instance}", [self.binary, "--log-format", "json", "run"], env,
-                             self.log_path)
+
+    def cli(self, *args: str) -> str:
+        """Runs one of the worker's other subcommands (``cancel``, ``release``...) with its
+        environment; its output."""
+        return subprocess.run([self.binary, "--log-format", "text", *args], env=self.env(), check=True,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    def start(self) -> "Worker":
+        """Creates the namespace (unless it exists), starts the worker, waits for /readyz."""
+        if self.names.namespace not in kubectl("get", "namespaces", "-o", "name"):
+            kubectl("create", "namespace", self.names.namespace)
+        self.port = free_port()
+        self.process = spawn(f"worker-{self.names.instance}", [self.binary, "--log-format", "json", "run"],
+                             self.env(), self.log_path)
         wait_until(lambda: ready(f"http://127.0.0.1:{self.port}/readyz"), "the worker's /readyz", 60,
                    alive=lambda: self.process.poll() is None)
         return self
 
     def stop(self, delete_namespace: bool = True) -> None:
-        """Stops the worker and removes its namespace."""
+        """Stops the worker and (unless told otherwise) removes its namespace."""
         stop_process(self.process, grace=30)
         self.process = None
         if delete_namespace:
+            # Jobs the worker still holds with its finalizer (claimed, never reported) would
+            # keep the namespace Terminating: let them go as an operator uninstalling does.
+            try:
+                self.cli("release")
+            except subprocess.CalledProcessError as e:
+                print(f"k8s-job-worker release failed: {e.stderr}", file=sys.stderr)
             subprocess.run(
                 [os.environ.get("KUBECTL", "kubectl"), "delete", "namespace", self.names.namespace, "--wait=false"],
                 capture_output=True,
             )
-            # Jobs the worker still holds with its finalizer (never reported) would keep the
-            # namespace Terminating: no worker runs any more to let them go.
-            release = '{"metadata": {"$deleteFromPrimitiveList/finalizers": ["k8s-job-worker/outcome"]}}'
-            held = subprocess.run(
-                [os.environ.get("KUBECTL", "kubectl"), "get", "jobs", "-n", self.names.namespace, "-o", "name"],
-                capture_output=True,
-                text=True,
-            ).stdout.split()
-            for job in held:
-                subprocess.run(
-                    [os.environ.get("KUBECTL", "kubectl"), "patch", job, "-n", self.names.namespace,
-                     "--type=strategic", "-p", release],
-                    capture_output=True,
-                )
 
     def kube_jobs(self, galaxy_job_id=None) -> list:
         """The live Kubernetes Jobs of this instance (optionally of one Galaxy job); a finished
@@ -193,8 +246,10 @@ class Worker:
 class GalaxyServer:
     """One Galaxy 26 server (``galaxy-web``, API only, sqlite) configured for this plugin."""
 
-    def __init__(self, names: Names, directory: Path, log_dir: Path, extra_runner_params=None):
+    def __init__(self, names: Names, directory: Path, log_dir: Path, extra_runner_params=None,
+                 server_name: str = "main", configure: bool = True):
         self.names = names
+        self.server_name = server_name
         self.directory = directory
         self.log_dir = log_dir
         self.port = free_port()
@@ -204,22 +259,45 @@ class GalaxyServer:
         self.starts = 0
         self.extra_runner_params = extra_runner_params or {}
         self.marker_dir = directory / "markers"
-        self._configure()
+        if configure:
+            self._configure()
+        else:
+            self._write_galaxy_yml()
+
+    def sibling(self, server_name: str) -> "GalaxyServer":
+        """A second Galaxy server (a second job handler, ``server_name``) sharing this one's
+        database, files and job configuration: a job is handled by the server that created it
+        (``db-self``), and each server recovers its own jobs."""
+        other = GalaxyServer(self.names, self.directory, self.log_dir, self.extra_runner_params,
+                             server_name=server_name, configure=False)
+        other.bootstrap_key = self.bootstrap_key
+        other.id_secret = self.id_secret
+        other._write_galaxy_yml()
+        return other
+
+    @property
+    def galaxy_yml(self) -> Path:
+        """This server's Galaxy configuration file."""
+        return self.directory / ("galaxy.yml" if self.server_name == "main" else f"galaxy-{self.server_name}.yml")
 
     @property
     def log_path(self) -> Path:
         """Galaxy's log of the current (last) start."""
-        return self.log_dir / f"galaxy-{self.names.instance}-{self.starts}.log"
+        return self.log_dir / f"galaxy-{self.names.instance}-{self._log_tag()}{self.starts}.log"
 
-    def _configure(self) -> None:
+    def _log_tag(self) -> str:
+        return "" if self.server_name == "main" else f"{self.server_name}-"
+
+    def _write_galaxy_yml(self) -> None:
         import galaxy.tools
 
         bundled = Path(galaxy.tools.__file__).parent / "bundled"
         data = self.directory / "data"
-        for path in (data, self.marker_dir):
-            path.mkdir(parents=True, exist_ok=True)
+        if not hasattr(self, "id_secret"):
+            self.id_secret = secrets.token_hex(16)
         config = {
             "galaxy": {
+                "server_name": self.server_name,
                 "data_dir": str(data),
                 "database_connection": f"sqlite:///{data}/universe.sqlite?isolation_level=IMMEDIATE",
                 "job_config_file": str(self.directory / "job_conf.yml"),
@@ -234,7 +312,7 @@ class GalaxyServer:
                 "watch_tools": "false",
                 "admin_users": ADMIN_EMAIL,
                 "bootstrap_admin_api_key": self.bootstrap_key,
-                "id_secret": secrets.token_hex(16),
+                "id_secret": self.id_secret,
                 "allow_user_creation": True,
                 "require_login": False,
                 "cleanup_job": "never",
@@ -259,7 +337,15 @@ class GalaxyServer:
                 },
             }
         }
-        (self.directory / "galaxy.yml").write_text(yaml.safe_dump(config))
+        self.galaxy_yml.write_text(yaml.safe_dump(config))
+
+    def _configure(self) -> None:
+        import galaxy.tools
+
+        bundled = Path(galaxy.tools.__file__).parent / "bundled"
+        for path in (self.directory / "data", self.marker_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self._write_galaxy_yml()
         (self.directory / "job_conf.yml").write_text(yaml.safe_dump(self.job_conf()))
         # cat1 again under another id, mapped to Galaxy's local runner (the benchmark's baseline)
         cat_local = self.directory / "cat_local.xml"
@@ -295,6 +381,8 @@ class GalaxyServer:
             **self.extra_runner_params,
         }
         return {
+            # a job is handled by the server that created it (the tests start a second one)
+            "handling": {"assign": ["db-self"]},
             "runners": {
                 "local": {"load": "galaxy.jobs.runners.local:LocalJobRunner", "workers": 4},
                 "k8s": k8s,
@@ -335,11 +423,12 @@ class GalaxyServer:
     def start(self, timeout: float = 240) -> "GalaxyServer":
         """Starts galaxy-web and waits until its API answers."""
         self.starts += 1
-        env = dict(os.environ, GALAXY_CONFIG_FILE=str(self.directory / "galaxy.yml"))
+        env = dict(os.environ, GALAXY_CONFIG_FILE=str(self.galaxy_yml))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        galaxy_web = [str(Path(sys.executable).parent / "galaxy-web"), "-c", str(self.directory / "galaxy.yml"),
+        galaxy_web = [str(Path(sys.executable).parent / "galaxy-web"), "-c", str(self.galaxy_yml),
                       "-b", f"127.0.0.1:{self.port}"]
-        self.process = spawn(f"galaxy-{self.names.instance}", galaxy_web, env, self.log_path, cwd=self.directory)
+        self.process = spawn(f"galaxy-{self.names.instance}-{self._log_tag()}", galaxy_web, env, self.log_path,
+                             cwd=self.directory)
         wait_until(lambda: ready(f"{self.url}/api/version"), f"Galaxy at {self.url} (log {self.log_path})", timeout,
                    interval=0.5, alive=lambda: self.process.poll() is None)
         return self
@@ -352,7 +441,7 @@ class GalaxyServer:
     def log_text(self) -> str:
         """Everything Galaxy logged, over all its starts."""
         return "".join(
-            (self.log_dir / f"galaxy-{self.names.instance}-{n}.log").read_text(errors="replace")
+            (self.log_dir / f"galaxy-{self.names.instance}-{self._log_tag()}{n}.log").read_text(errors="replace")
             for n in range(1, self.starts + 1)
         )
 
@@ -371,6 +460,10 @@ class GalaxyAPI:
         self.url = url
         self.session = requests.Session()
         self.session.headers["x-api-key"] = key
+
+    def at(self, url: str) -> "GalaxyAPI":
+        """The same user's client of another server sharing the database (a sibling)."""
+        return GalaxyAPI(url, self.session.headers["x-api-key"])
 
     def _check(self, response):
         if response.status_code >= 400:
@@ -424,6 +517,15 @@ class GalaxyAPI:
         return wait_until(
             lambda: (d := self.get(f"datasets/{dataset_id}"))["state"] in ("ok", "error", "failed_metadata") and d,
             f"dataset {dataset_id}", timeout, interval=0.2)
+
+    def history_with(self, name: str, content: str) -> tuple[str, str]:
+        """A new history with one uploaded dataset of ``content`` (uploads run on Galaxy's
+        local runner), once it is ok; the history's and the dataset's ids."""
+        history_id = self.history(name)
+        dataset_id = self.upload(history_id, content)
+        dataset = self.wait_dataset(dataset_id)
+        assert dataset["state"] == "ok", dataset
+        return history_id, dataset_id
 
     def content(self, dataset_id: str) -> str:
         """The dataset's content."""

@@ -19,14 +19,18 @@ from typing import (
 import yaml
 
 from galaxy.jobs.runners.util import runner_states
+from galaxy.util.bytesize import ByteSize
 
 REQUEST_SCHEMA = "k8s-job-worker/job-request/v1"
 CONTROL_SCHEMA = "k8s-job-worker/job-cancel/v1"
 EVENT_SCHEMA = "k8s-job-worker/job-event/v1"
 
-# Destination parameters passed through as resource values (same names as Galaxy's
-# Kubernetes runner and the request schema).
-RESOURCE_PARAMS = ("requests_cpu", "requests_memory", "limits_cpu", "limits_memory")
+# Destination parameters of resources (same names as Galaxy's Kubernetes runner and the
+# request schema): CPUs pass through as numbers or quantities, memory is read as Galaxy 26
+# reads it (ByteSize).
+CPU_PARAMS = ("requests_cpu", "limits_cpu")
+MEMORY_PARAMS = ("requests_memory", "limits_memory")
+RESOURCE_PARAMS = CPU_PARAMS + MEMORY_PARAMS
 _NUMBER = re.compile(r"^\s*[0-9]+(\.[0-9]*)?\s*$")
 
 
@@ -55,6 +59,21 @@ def resource_value(value: Any, name: str = "") -> Optional[Union[int, float, str
     if _NUMBER.match(text):
         return float(text) if "." in text else int(text)
     return text
+
+
+def memory_value(value: Any, name: str = "") -> Optional[str]:
+    """A destination's memory parameter as Galaxy 26 reads it (``ByteSize``: a bare number is
+    bytes, suffixes K/M/G/T/P/E are powers of 1000 and Ki/Mi/Gi/... of 1024, either case:
+    ``4g``, ``4G``, ``4Gi``), sent as a Kubernetes quantity of bytes; ``None`` when empty or 0."""
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        size = ByteSize(value.strip() if isinstance(value, str) else value).value
+    except (ValueError, TypeError) as e:
+        raise MessageError(f"{name} must be a size like 4G, 512Mi or a number of bytes, not {value!r} ({e})")
+    if size < 0:
+        raise MessageError(f"{name} must not be negative, not {value!r}")
+    return str(int(round(size))) if size else None
 
 
 def optional_int(value: Any, name: str) -> Optional[int]:
@@ -99,7 +118,8 @@ def optional_str(value: Any, name: str) -> Optional[str]:
 #: Destination parameter → (request field, conversion); ``max_pod_retrials`` is the older
 #: name of ``max_pod_retries`` (the newer wins). Every field is in job-request.v1.json.
 PARAM_FIELDS: tuple[tuple[str, str, Any], ...] = (
-    *((name, name, resource_value) for name in RESOURCE_PARAMS),
+    *((name, name, resource_value) for name in CPU_PARAMS),
+    *((name, name, memory_value) for name in MEMORY_PARAMS),
     ("max_pod_retrials", "max_pod_retries", optional_int),
     ("max_pod_retries", "max_pod_retries", optional_int),
     ("k8s_walltime_limit", "walltime_seconds", optional_int),
@@ -123,6 +143,7 @@ def build_request(
     destination_id: Optional[str] = None,
     params: Optional[dict[str, Any]] = None,
     annotations: Optional[dict[str, str]] = None,
+    handler: Optional[str] = None,
 ) -> dict[str, Any]:
     """A job request (``schemas/job-request.v1.json``) from the job's values and its
     destination parameters (Galaxy 26 Kubernetes runner names, see the README)."""
@@ -147,6 +168,8 @@ def build_request(
             request[field] = value
     if annotations:
         request["annotations"] = dict(annotations)
+    if handler:
+        request["handler"] = handler
     return request
 
 
@@ -158,8 +181,15 @@ def wire_attempt(attempt: int) -> Optional[int]:
     return attempt if attempt > 1 else None
 
 
-def build_control(job_id: str, action: str, attempt: Optional[int] = None, reason: Optional[str] = None) -> dict:
-    """A control message (``schemas/job-cancel.v1.json``): ``cancel`` or ``status``."""
+def build_control(
+    job_id: str,
+    action: str,
+    attempt: Optional[int] = None,
+    reason: Optional[str] = None,
+    handler: Optional[str] = None,
+) -> dict:
+    """A control message (``schemas/job-cancel.v1.json``): ``cancel`` or ``status``; the
+    answer goes to ``handler``."""
     if action not in ("cancel", "status"):
         raise MessageError(f"unknown control action {action!r}")
     message: dict[str, Any] = {"schema": CONTROL_SCHEMA, "job_id": job_id, "action": action}
@@ -167,7 +197,22 @@ def build_control(job_id: str, action: str, attempt: Optional[int] = None, reaso
         message["attempt"] = attempt
     if reason:
         message["reason"] = reason
+    if handler:
+        message["handler"] = handler
     return message
+
+
+def routing_word(name: str) -> str:
+    """A name as one word of a topic routing key, as the worker writes it: ``%``, ``.``, ``*``
+    and ``#`` as ``%25``, ``%2E``, ``%2A``, ``%23``."""
+    return name.replace("%", "%25").replace(".", "%2E").replace("*", "%2A").replace("#", "%23")
+
+
+def binding_keys(instance_id: str, handler: str) -> list[str]:
+    """What a handler's event queue is bound to: its own jobs' events
+    (``<instance>.<handler>.<state>``) and those that name no handler (``<instance>.<state>``:
+    requests of an earlier plugin version)."""
+    return [f"{instance_id}.{routing_word(handler)}.*", f"{instance_id}.*"]
 
 
 def encode(message: dict) -> bytes:
@@ -190,6 +235,8 @@ class Event:
     exit_code: Optional[int] = None
     job_name: str = ""
     log_tail: Optional[str] = None
+    instance_id: Optional[str] = None
+    handler: Optional[str] = None
 
     @property
     def terminal(self) -> bool:
@@ -229,6 +276,8 @@ def parse_event(body: Union[bytes, str, dict]) -> Event:
         exit_code=exit_code,
         job_name=str(data.get("job_name") or ""),
         log_tail=data.get("log_tail"),
+        instance_id=data.get("instance_id"),
+        handler=data.get("handler"),
     )
 
 
@@ -238,10 +287,11 @@ def parse_event(body: Union[bytes, str, dict]) -> Event:
 class Action(Enum):
     """What the runner does with an event."""
 
-    NOTHING = "nothing"  # acknowledged, no change (submitted, cancelled)
+    NOTHING = "nothing"  # acknowledged, no change (submitted, a cancel Galaxy asked for)
     RUNNING = "running"  # the job's state becomes RUNNING
     FINISH = "finish"  # finish_job: Galaxy reads the exit code, outputs and stdio rules
     FAIL = "fail"  # fail_job with a runner state (resubmission rules apply)
+    RESEND = "resend"  # the worker has no Job of it: the request is sent again (idempotent)
 
 
 @dataclass(frozen=True)
@@ -274,9 +324,10 @@ EVENT_ACTIONS: dict[str, tuple[Action, Optional[str], Optional[str]]] = {
     "preempted": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Job was preempted"),
     "node_lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "The node running the job was lost"),
     "lost": (Action.FAIL, runner_states.UNKNOWN_ERROR, "Kubernetes job was lost"),
-    "cancelled": (Action.NOTHING, None, None),
+    # a cancel Galaxy did not ask for (the worker's `cancel` command, a tombstone)
+    "cancelled": (Action.FAIL, runner_states.UNKNOWN_ERROR, "The job was cancelled outside Galaxy"),
     # no Job of the job exists (the answer to a status request): not a verdict
-    "unknown": (Action.NOTHING, None, None),
+    "unknown": (Action.RESEND, None, None),
 }
 
 
@@ -286,18 +337,31 @@ EVENT_STATES = frozenset(EVENT_ACTIONS)
 TERMINAL_STATES = EVENT_STATES - {"submitted", "running", "unknown"}
 
 
-def decide(event: Event, exit_code_file_exists: bool = False) -> Decision:
+def decide(event: Event, exit_code_file_exists: bool = False, stopping: bool = False) -> Decision:
     """The Galaxy action for an event.
 
-    ``failed`` with an exit code is the tool's own failure: Galaxy finishes the job and
-    judges the exit code and stdio rules itself. ``lost`` (the Job is gone: cleaned up, or
-    never seen by the worker) finishes the job when its exit code file exists, i.e. the job
-    script ran to its end; otherwise the job failed for reasons outside the tool.
+    ``exit_code_file_exists``: the job script ran to its end (it wrote the exit code file).
+    ``stopping``: Galaxy itself is deleting or stopping the job.
+
+    - ``failed`` with an exit code is the tool's own failure when the job script ran: Galaxy
+      finishes the job and judges the exit code and stdio rules itself. Without the exit code
+      file the script never ran (no shell in the image, a start error): the job fails with
+      the worker's reason.
+    - ``lost`` (the Job is gone) and ``unknown`` (the worker has no Job of it) finish the job
+      when its script ran to its end; otherwise ``lost`` fails it, and ``unknown`` sends the
+      request again (its request may still wait in the queue; requests are idempotent).
+    - ``cancelled`` is nothing more when Galaxy asked for it; otherwise someone cancelled the
+      job outside Galaxy, and it fails with the reason.
     """
+    if event.state in ("failed", "lost", "unknown") and exit_code_file_exists and (
+        event.state != "failed" or event.exit_code is not None
+    ):
+        return Decision(Action.FINISH)
+    if event.state == "cancelled" and stopping:
+        return Decision(Action.NOTHING)
     if event.state == "failed" and event.exit_code is not None:
-        return Decision(Action.FINISH)
-    if event.state == "lost" and exit_code_file_exists:
-        return Decision(Action.FINISH)
+        prefix = f"The job script did not run (exit code {event.exit_code}, no exit code file)"
+        return Decision(Action.FAIL, runner_states.UNKNOWN_ERROR, f"{prefix}: {event.reason}" if event.reason else prefix)
     action, runner_state, prefix = EVENT_ACTIONS[event.state]
     if action is not Action.FAIL:
         return Decision(action)

@@ -5,17 +5,19 @@ Load it from ``job_conf.yml``::
     runners:
       k8s:
         load: k8s_job_worker_galaxy.runner:K8sJobWorkerJobRunner
-        amqp_url: amqp://galaxy:secret@rabbitmq:5672/%2f
+        amqp_url_env: GALAXY_AMQP_URL
         k8s_galaxy_instance_id: main
 
 ``queue_job`` prepares the job as Galaxy's own Kubernetes runner does (the job script in
 the job's working directory, run as ``<shell> -c "<job file>; exit $(cat <exit code file>)"``)
-and publishes a job request; the worker creates the Kubernetes Job and reports what
-happened as events, which one consumer thread per Galaxy job handler turns into Galaxy
-state changes (see :data:`k8s_job_worker_galaxy.messages.EVENT_ACTIONS`).
+and hands its request to the outbox, which publishes it (confirmed) and tries again while the
+broker is away; the worker creates the Kubernetes Job and reports what happened as events,
+routed to this job handler alone, which one consumer thread turns into Galaxy state changes
+(see :func:`k8s_job_worker_galaxy.messages.decide`).
 """
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -30,14 +32,19 @@ from galaxy.jobs.runners import (
     AsynchronousJobRunner,
     AsynchronousJobState,
 )
+from galaxy.jobs.runners.util import runner_states
 
+from . import params as P
 from .amqp import (
     ConfirmingPublisher,
+    Delivery,
     EventConsumer,
-    PublishError,
+    Outbox,
+    RetryPolicy,
 )
 from .messages import (
     Action,
+    binding_keys,
     build_control,
     build_request,
     decide,
@@ -48,7 +55,6 @@ from .messages import (
     wire_attempt,
 )
 from .tracking import (
-    Ack,
     galaxy_attempt,
     Held,
     Tracked,
@@ -59,42 +65,21 @@ log = logging.getLogger(__name__)
 
 __all__ = ("K8sJobWorkerJobRunner",)
 
-#: Destination parameters sent with each request (Galaxy 26 Kubernetes runner names); each
-#: may also be set on the runner as a default for every destination.
-DESTINATION_PARAMS = (
-    "requests_cpu",
-    "requests_memory",
-    "limits_cpu",
-    "limits_memory",
-    "max_pod_retries",
-    "max_pod_retrials",
-    "k8s_walltime_limit",
-    "k8s_node_selector",
-    "k8s_tolerations",
-    "k8s_pod_priority_class",
-    "k8s_run_as_user_id",
-    "k8s_run_as_group_id",
-    "k8s_extra_job_envs",
-    "default_image",
-)
+#: Kept for callers that imported it from here.
+DESTINATION_PARAMS = P.DESTINATION_PARAMS
 
-RUNNER_PARAM_SPECS: dict[str, dict[str, Any]] = dict(
-    amqp_url=dict(map=str, default="amqp://guest:guest@127.0.0.1:5672//"),
-    amqp_request_queue=dict(map=str, default="galaxy.k8s.requests"),
-    amqp_control_queue=dict(map=str, default="galaxy.k8s.control"),
-    amqp_result_exchange=dict(map=str, default="galaxy.k8s.events"),
-    # the handler's durable event queue; default <result exchange>.<instance id>.<server name>
-    amqp_event_queue=dict(map=str, default=None),
-    amqp_publish_timeout=dict(map=float, valid=lambda x: x > 0, default=10.0),
-    amqp_prefetch=dict(map=int, valid=lambda x: x > 0, default=500),
-    k8s_galaxy_instance_id=dict(map=str, default=None),
-    # the worker's Job name prefix (K8S_JOB_NAME_PREFIX), for the external id Galaxy shows
-    k8s_job_name_prefix=dict(map=str, default="galaxy"),
-    # seconds after which events held for an unregistered job are checked against the database
-    held_event_check_seconds=dict(map=float, default=10.0),
-    **{name: dict(map=str, default=None) for name in DESTINATION_PARAMS if name != "default_image"},
-    default_image=dict(map=str, default="python:3.12-slim"),
-)
+#: Every parameter the runner takes (see :mod:`k8s_job_worker_galaxy.params`).
+RUNNER_PARAM_SPECS: dict[str, dict[str, Any]] = P.runner_param_specs()
+
+#: The request as published, kept in the job's working directory: sent again, unchanged, when
+#: the worker answers a recovered job's status with `unknown`.
+REQUEST_FILE = "k8s_job_worker_request.json"
+
+#: Galaxy job states in which Galaxy itself is deleting or stopping the job.
+STOPPING_STATES = ("deleting", "deleted", "deleted_new", "stopping", "stopped")
+
+#: Times an event whose effect Galaxy could not record is given back before the job is failed.
+MAX_EVENT_RETRIES = 5
 
 _HOLD = "hold"
 
@@ -106,24 +91,59 @@ _HOLD = "hold"
 WAIT_FOR_STREAMS = "\n# k8s_job_worker_galaxy: let the stream copies finish before the pod ends\nwait\n"
 
 
+def runner_ids(app) -> list[str]:
+    """The ids of the runners of ``job_conf.yml`` that load this plugin."""
+    plugins = getattr(getattr(app, "job_config", None), "runner_plugins", None) or []
+    return [p.get("id") for p in plugins if isinstance(p, dict) and str(p.get("load", "")).endswith(":K8sJobWorkerJobRunner")]
+
+
+def our_destinations(app) -> list[tuple[str, dict]]:
+    """``(id, params)`` of the destinations whose runner loads this plugin."""
+    ids = set(runner_ids(app))
+    destinations = getattr(getattr(app, "job_config", None), "destinations", None) or {}
+    if not isinstance(destinations, dict):
+        return []
+    return [
+        (d.id, dict(d.params or {}))
+        for group in destinations.values()
+        for d in (group if isinstance(group, list) else [])
+        if getattr(d, "runner", None) in ids
+    ]
+
+
 class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
     """Runs Galaxy jobs as Kubernetes Jobs through k8s-job-worker (RabbitMQ)."""
 
     runner_name = "K8sJobWorkerRunner"
-    start_methods = ["_init_worker_threads", "_init_event_consumer"]
+    start_methods = ["_init_worker_threads", "_init_outbox", "_init_event_consumer"]
 
     def __init__(self, app, nworkers: int, **kwargs) -> None:
         kwargs.setdefault("runner_param_specs", {}).update(RUNNER_PARAM_SPECS)
         super().__init__(app, nworkers, **kwargs)
-        self._init_noop_monitor()
-        self.instance_id = self.runner_params["k8s_galaxy_instance_id"] or None
-        self.tracker = Tracker()
-        self.publisher = ConfirmingPublisher(
-            self.runner_params["amqp_url"], confirm_timeout=self.runner_params["amqp_publish_timeout"]
+        refused = P.refused_runner_params(self.runner_params.keys()) + P.refused_destination_params(
+            our_destinations(app)
         )
+        if refused:
+            raise P.ConfigurationError("k8s-job-worker runner: " + "; ".join(refused))
+        self._init_noop_monitor()
+        rp = self.runner_params
+        self.instance_id = P.instance_id(rp["k8s_galaxy_instance_id"])
+        self.amqp_url = P.amqp_url(rp["amqp_url"], rp["amqp_url_env"], rp["amqp_url_file"])
+        self.handler = str(app.config.server_name)
+        self.tracker = Tracker()
+        self.publisher = ConfirmingPublisher(self.amqp_url, confirm_timeout=rp["amqp_publish_timeout"])
+        self.retry_policy = RetryPolicy(
+            enabled=rp["amqp_publish_retry"],
+            max_retries=rp["amqp_publish_retry_max_retries"],
+            interval_start=rp["amqp_publish_retry_interval_start"],
+            interval_step=rp["amqp_publish_retry_interval_step"],
+            interval_max=rp["amqp_publish_retry_interval_max"],
+            window=rp["amqp_publish_retry_window"],
+        )
+        self.outbox = Outbox(self.publisher, self.retry_policy)
         self.event_consumer: Optional[EventConsumer] = None
-        self._status_retries: dict[str, Tracked] = {}
         self._last_held_check = 0.0
+        self._event_retries: dict[str, int] = {}
 
     # --- names ------------------------------------------------------------------------
 
@@ -131,13 +151,17 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
     def event_queue_name(self) -> str:
         """The durable queue of this job handler's events."""
         return self.runner_params["amqp_event_queue"] or (
-            f"{self.runner_params['amqp_result_exchange']}.{self.instance_id or 'default'}.{self.app.config.server_name}"
+            f"{self.runner_params['amqp_result_exchange']}.{self.instance_id}.{self.handler}"
         )
 
-    @property
-    def binding_key(self) -> str:
-        """The routing pattern of this Galaxy instance's events (``<instance id>.#``)."""
-        return f"{self.instance_id or 'default'}.#"
+    def event_queue_arguments(self) -> dict:
+        """The event queue's arguments: its type, and how long it lives unused."""
+        arguments: dict = {}
+        if self.runner_params["amqp_event_queue_type"] == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        if self.runner_params["amqp_event_queue_expires"]:
+            arguments["x-expires"] = int(self.runner_params["amqp_event_queue_expires"]) * 1000
+        return arguments
 
     def external_id(self, job_id: str, attempt: int) -> str:
         """The worker's Job name for the job (Galaxy's decimal job ids):
@@ -149,22 +173,28 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
 
     # --- start / stop -----------------------------------------------------------------
 
+    def _init_outbox(self) -> None:
+        self.outbox.start()
+
     def _init_event_consumer(self) -> None:
         self.event_consumer = EventConsumer(
-            self.runner_params["amqp_url"],
+            self.amqp_url,
             exchange=self.runner_params["amqp_result_exchange"],
             queue_name=self.event_queue_name,
-            binding_key=self.binding_key,
+            binding_keys=binding_keys(self.instance_id, self.handler),
             on_event=self._on_event_body,
             on_idle=self._on_idle,
             prefetch=self.runner_params["amqp_prefetch"],
+            queue_arguments=self.event_queue_arguments(),
+            unbind_keys=[f"{self.instance_id}.#"],  # earlier versions bound every event of the instance
         )
         self.event_consumer.start()
 
     def shutdown(self) -> None:
-        """Stops the event consumer, then Galaxy's worker threads."""
+        """Stops the event consumer and the outbox, then Galaxy's worker threads."""
         if self.event_consumer is not None:
             self.event_consumer.stop()
+        self.outbox.stop()
         super().shutdown()
         self.publisher.close()
 
@@ -173,6 +203,8 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
     def destination_params(self, job_wrapper) -> dict[str, Any]:
         """Runner-level defaults overridden by the job destination's parameters."""
         params = {name: self.runner_params[name] for name in DESTINATION_PARAMS if self.runner_params[name]}
+        if self.runner_params["k8s_pod_retries"] is not None:
+            params.setdefault("max_pod_retries", self.runner_params["k8s_pod_retries"])
         params.update({k: v for k, v in job_wrapper.job_destination.params.items() if k in DESTINATION_PARAMS})
         for name in ("k8s_run_as_user_id", "k8s_run_as_group_id"):
             if params.get(name) == "$uid":
@@ -201,12 +233,13 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             annotations={
                 "app.galaxyproject.org/tool_id": str(tool.id),
                 "app.galaxyproject.org/tool_version": str(tool.version),
-                "app.galaxyproject.org/handler": str(self.app.config.server_name),
+                "app.galaxyproject.org/handler": self.handler,
             },
+            handler=self.handler,
         )
 
     def queue_job(self, job_wrapper) -> None:
-        """Prepares the job, registers it, then publishes its request (confirmed)."""
+        """Prepares the job, registers it, then hands its request to the outbox."""
         job_id = job_wrapper.get_id_tag()
         job_state = AsynchronousJobState(
             job_wrapper=job_wrapper, job_destination=job_wrapper.job_destination, files_dir=job_wrapper.working_directory
@@ -231,43 +264,63 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         except MessageError as e:
             job_wrapper.fail(f"Invalid Kubernetes job parameters: {e}")
             return
+        body = encode(request)
+        with open(os.path.join(job_wrapper.working_directory, REQUEST_FILE), "wb") as f:
+            f.write(body)
         job_state.job_id = self.external_id(job_id, attempt)
         # registered before publishing: the worker's first event may come before we return
         job_wrapper.set_external_id(job_state.job_id)
         tracked = self.tracker.register(job_id, attempt, job_state)
+        self._send_request(tracked, body)
+
+    def _send_request(self, tracked: Tracked, body: bytes) -> None:
+        """Hands a job's request to the outbox; a request the broker cannot take within the
+        retry window fails the job (UNKNOWN_ERROR: resubmission rules apply)."""
         started = time.monotonic()
-        try:
-            self.publisher.publish(encode(request), routing_key=self.runner_params["amqp_request_queue"])
-        except PublishError as e:
+
+        def published() -> None:
+            log.debug(
+                "(%s/%s) request accepted by the broker (attempt %d) after %.1f ms",
+                tracked.job_id,
+                tracked.job_state.job_id,
+                tracked.attempt,
+                (time.monotonic() - started) * 1000,
+            )
+
+        def failed(reason: str) -> None:
+            log.error("(%s) job request not accepted by the broker: %s", tracked.job_id, reason)
+            if not self.tracker.claim_terminal(tracked):
+                return  # an event finished it meanwhile
             self.tracker.forget(tracked)
-            log.error("(%s) job request not accepted by the broker: %s", job_id, e)
-            job_wrapper.fail(f"Could not submit the job to k8s-job-worker: {e}")
-            return
-        log.debug(
-            "(%s/%s) submitted to k8s-job-worker (attempt %d), confirmed in %.1f ms",
-            job_id,
-            job_state.job_id,
-            attempt,
-            (time.monotonic() - started) * 1000,
-        )
+            job_state = tracked.job_state
+            job_state.runner_state = runner_states.UNKNOWN_ERROR
+            job_state.fail_message = f"Could not submit the job to k8s-job-worker: {reason}"
+            job_state.stop_job = False
+            self.mark_as_failed(job_state)
+
+        self.outbox.put(body, self.runner_params["amqp_request_queue"], f"request of job {tracked.job_id}", published, failed)
+
+    def _control(self, job_id: str, action: str, attempt: int, reason: Optional[str] = None) -> bytes:
+        return encode(build_control(job_id, action, attempt=wire_attempt(attempt), reason=reason, handler=self.handler))
 
     def stop_job(self, job_wrapper) -> None:
-        """Asks the worker to cancel the job's Kubernetes Job (its pods are killed)."""
+        """Asks the worker to cancel the job's Kubernetes Job (its pods are killed); the
+        cancel is tried again while the broker is away, like a request."""
         job = job_wrapper.get_job()
         job_id = job.get_id_tag()
         tracked = self.tracker.get(job_id)
         attempt = tracked.attempt if tracked else galaxy_attempt(h.state for h in job.state_history)
-        try:
-            self.publisher.publish(
-                encode(build_control(job_id, "cancel", attempt=wire_attempt(attempt), reason="stopped by Galaxy")),
-                routing_key=self.runner_params["amqp_control_queue"],
-            )
-            log.debug("(%s/%s) cancel sent to k8s-job-worker", job_id, job.job_runner_external_id)
-        except PublishError:
-            log.exception("(%s) could not send the cancel to k8s-job-worker", job_id)
+        self.outbox.put(
+            self._control(job_id, "cancel", attempt, reason="stopped by Galaxy"),
+            self.runner_params["amqp_control_queue"],
+            f"cancel of job {job_id}",
+            lambda: log.debug("(%s/%s) cancel sent to k8s-job-worker", job_id, job.job_runner_external_id),
+            lambda why: log.error("(%s) the cancel did not reach k8s-job-worker (%s): its pods run on", job_id, why),
+        )
 
     def recover(self, job, job_wrapper) -> None:
-        """Registers a job found queued/running at start-up and asks the worker for its state."""
+        """Registers a job found queued/running at start-up and asks the worker for its state
+        (in the background: a start with thousands of jobs does not wait for the broker)."""
         external_id = job.get_job_runner_external_id()
         if external_id is None:
             self.put(job_wrapper)
@@ -285,18 +338,42 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         attempt = galaxy_attempt(h.state for h in job.state_history)
         tracked = self.tracker.register(job_id, attempt, job_state, running=running)
         log.debug("(%s/%s) recovered in state %s, asking the worker for its state", job_id, external_id, job.state)
-        self._request_status(tracked)
+        self.outbox.put(
+            self._control(job_id, "status", attempt),
+            self.runner_params["amqp_control_queue"],
+            f"status of job {job_id}",
+            on_failed=lambda why: self._status_not_sent(tracked, why),
+        )
 
-    def _request_status(self, tracked: Tracked) -> None:
+    def _status_not_sent(self, tracked: Tracked, reason: str) -> None:
+        """A recovered job whose status request the broker never took: it still has its own
+        events coming (if any); the request is re-sent, which the worker answers in any case."""
+        log.warning("(%s) status request not accepted (%s); sending the request again", tracked.job_id, reason)
+        self._resend(tracked)
+
+    def _resend(self, tracked: Tracked) -> None:
+        """Sends a job's request again, unchanged (the worker adopts or answers from what
+        exists under its name; only a request it never saw starts a Job)."""
+        path = os.path.join(tracked.job_state.job_wrapper.working_directory, REQUEST_FILE)
         try:
-            self.publisher.publish(
-                encode(build_control(tracked.job_id, "status", attempt=wire_attempt(tracked.attempt))),
-                routing_key=self.runner_params["amqp_control_queue"],
-            )
-            self._status_retries.pop(tracked.job_id, None)
-        except PublishError as e:
-            log.warning("(%s) status request not sent (%s); retrying", tracked.job_id, e)
-            self._status_retries[tracked.job_id] = tracked
+            with open(path, "rb") as f:
+                body = f.read()
+        except OSError:
+            try:
+                body = encode(self.job_request(tracked.job_state.job_wrapper, tracked.job_state, tracked.attempt))
+            except Exception as e:
+                log.exception("(%s) the request cannot be rebuilt", tracked.job_id)
+                self._fail_tracked(tracked, runner_states.UNKNOWN_ERROR, f"Its request could not be sent again: {e}")
+                return
+        self._send_request(tracked, body)
+
+    def _fail_tracked(self, tracked: Tracked, runner_state: str, message: str) -> None:
+        if not self.tracker.claim_terminal(tracked):
+            return
+        self.tracker.forget(tracked)
+        job_state = tracked.job_state
+        job_state.runner_state, job_state.fail_message, job_state.stop_job = runner_state, message, False
+        self.mark_as_failed(job_state)
 
     # --- events (consumer thread) -----------------------------------------------------
 
@@ -311,17 +388,32 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             self.app.model.unset_request_id(scoped_id)
             token.var.reset(token)  # the thread's previous session scope again
 
-    def _on_event_body(self, body: bytes, ack: Ack) -> None:
+    def _on_event_body(self, body: bytes, delivery: Delivery) -> None:
         try:
             event = parse_event(body)
         except MessageError as e:
             log.error("dropping a message that is not a k8s-job-worker event: %s", e)
-            ack()
+            delivery()
             return
-        self.handle_event(event, ack)
+        if not self._trusted(event):
+            delivery()
+            return
+        self.handle_event(event, delivery)
 
-    def handle_event(self, event: Event, ack: Ack) -> None:
-        """Applies one event (consumer thread); ``ack`` once Galaxy has recorded it."""
+    def _trusted(self, event: Event) -> bool:
+        """Whether an event is this Galaxy's: its instance id, and the Job name the worker
+        gives its job (a second Galaxy on the same broker, or a forged event, is dropped)."""
+        if event.instance_id != self.instance_id:
+            log.warning("(%s) dropping an event of instance %r (this is %r)", event.job_id, event.instance_id, self.instance_id)
+            return False
+        if event.job_id.isdigit() and event.job_name and event.job_name != self.external_id(event.job_id, event.attempt or 1):
+            log.warning("(%s) dropping an event naming Job %r, not this job's", event.job_id, event.job_name)
+            return False
+        return True
+
+    def handle_event(self, event: Event, ack) -> None:
+        """Applies one event (consumer thread); ``ack`` once Galaxy has recorded it (a
+        :class:`Delivery`, or any callable that acknowledges)."""
         log.debug("(%s) %s event received (attempt %d, id %s)", event.job_id, event.state, event.attempt or 1, event.event_id)
         tracked = self.tracker.get(event.job_id)
         if tracked is None:
@@ -337,22 +429,27 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             self._apply_event(tracked, held.event, held.ack)
         self._apply_event(tracked, event, ack)
 
-    def _apply_event(self, tracked: Tracked, event: Event, ack: Ack) -> None:
+    def _apply_event(self, tracked: Tracked, event: Event, ack) -> None:
         if (event.attempt or 1) != tracked.attempt:
             log.debug("(%s) %s event of attempt %s ignored (on %d)", event.job_id, event.state, event.attempt, tracked.attempt)
             ack()
             return
-        if not self.tracker.first_time(event.event_id):
+        if not self.tracker.first_time(event.event_id) and event.state != "unknown":
             ack()
             return
-        decision = decide(event, os.path.exists(tracked.job_state.exit_code_file))
+        stopping = event.state == "cancelled" and self._stopping(tracked)
+        decision = decide(event, os.path.exists(tracked.job_state.exit_code_file), stopping)
         if decision.action is Action.NOTHING:
             if event.state == "cancelled":
-                self.tracker.forget(tracked)
+                self._cancelled(tracked)
             ack()
         elif decision.action is Action.RUNNING:
             if not tracked.running and not tracked.finishing:
                 self._mark_running(tracked)
+            ack()
+        elif decision.action is Action.RESEND:
+            log.info("(%s) the worker has no Job of it (%s): sending its request again", event.job_id, event.reason)
+            self._resend(tracked)
             ack()
         elif not self.tracker.claim_terminal(tracked):
             log.debug("(%s) %s event ignored: the job is finishing already", event.job_id, event.state)
@@ -362,6 +459,24 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             job_state.k8s_event, job_state.k8s_decision, job_state.k8s_ack = event, decision, ack
             job_state.k8s_tracked = tracked
             self.work_queue.put((self._apply_terminal, job_state))
+
+    def _stopping(self, tracked: Tracked) -> bool:
+        """Whether Galaxy itself is deleting or stopping the job (its state as the database
+        has it now)."""
+        with self._database_scope() as session:
+            job = session.get(model.Job, int(tracked.job_id)) if tracked.job_id.isdigit() else None
+            return job is not None and str(job.state) in STOPPING_STATES
+
+    def _cancelled(self, tracked: Tracked) -> None:
+        """A cancel Galaxy asked for came back: the job is done with; its working directory
+        goes as Galaxy's own runner lets it go (``cleanup_job``)."""
+        self.tracker.forget(tracked)
+        job_wrapper = tracked.job_state.job_wrapper
+        if job_wrapper.cleanup_job in ("always", "onsuccess"):
+            try:
+                job_wrapper.cleanup()
+            except Exception:
+                log.exception("(%s) cleaning up the deleted job's files failed", tracked.job_id)
 
     def _mark_running(self, tracked: Tracked) -> None:
         with self._database_scope():
@@ -379,7 +494,7 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             job = session.get(model.Job, galaxy_job_id)
             if job is None:
                 return "no such job"
-            if job.handler != self.app.config.server_name:
+            if job.handler != self.handler:
                 return f"the job belongs to handler {job.handler!r}"
             if job.state in model.Job.terminal_states:
                 return f"the job is {job.state} already"
@@ -390,12 +505,11 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
     def _on_idle(self) -> None:
         for held in self.tracker.take_releasable():
             self.handle_event(held.event, held.ack)
-        for tracked in list(self._status_retries.values()):
-            self._request_status(tracked)
         self._check_held()
 
     def _check_held(self) -> None:
-        """Drops held events whose job finished or moved elsewhere meanwhile."""
+        """Drops held events whose job finished or moved elsewhere meanwhile; an event whose
+        job cannot be looked up now (the database is away) stays held."""
         now = time.monotonic()
         if now - self._last_held_check < self.runner_params["held_event_check_seconds"]:
             return
@@ -404,7 +518,12 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             held: list[Held] = self.tracker.take_held(job_id)
             keep = []
             for item in held:
-                if self.tracker.get(job_id) is not None or self._unregistered_disposition(item.event) == _HOLD:
+                try:
+                    hold = self.tracker.get(job_id) is not None or self._unregistered_disposition(item.event) == _HOLD
+                except Exception:
+                    log.warning("(%s) cannot look up the job of a held event now; it stays held", job_id, exc_info=True)
+                    hold = True
+                if hold:
                     keep.append(item)
                 else:
                     item.ack()
@@ -414,36 +533,55 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
     # --- terminal events (Galaxy's worker threads) -------------------------------------
 
     def _apply_terminal(self, job_state: AsynchronousJobState) -> None:
-        """Finishes or fails the job for its terminal event, then acknowledges the event."""
+        """Finishes or fails the job for its terminal event, then acknowledges the event. When
+        Galaxy cannot record it (its database is away), the event is given back and comes
+        again after a backoff; after a few times the job is failed instead."""
         event: Event = job_state.k8s_event
         decision = job_state.k8s_decision
+        ack = job_state.k8s_ack
+        tracked: Tracked = job_state.k8s_tracked
         try:
             state = job_state.job_wrapper.get_state()
             if state in model.Job.terminal_states or state == model.Job.states.DELETING:
                 log.debug("(%s) %s event: the job is %s already", event.job_id, event.state, state)
-                return
-            log.info(
-                "(%s/%s) %s event (attempt %d): %s",
-                event.job_id,
-                job_state.job_id,
-                event.state,
-                event.attempt or 1,
-                decision.action.value,
-            )
-            if decision.action is Action.FINISH:
-                job_state.running = False
-                self.finish_job(job_state)
             else:
-                job_state.runner_state = decision.runner_state
-                job_state.fail_message = decision.message
-                job_state.stop_job = False  # the worker has stopped the Kubernetes Job already
-                self.fail_job(job_state)
+                log.info(
+                    "(%s/%s) %s event (attempt %d): %s",
+                    event.job_id,
+                    job_state.job_id,
+                    event.state,
+                    event.attempt or 1,
+                    decision.action.value,
+                )
+                if decision.action is Action.FINISH:
+                    job_state.running = False
+                    self.finish_job(job_state)
+                else:
+                    job_state.runner_state = decision.runner_state
+                    job_state.fail_message = decision.message
+                    job_state.stop_job = False  # the worker has stopped the Kubernetes Job already
+                    self.fail_job(job_state)
         except Exception:
-            log.exception("(%s) applying the %s event failed", event.job_id, event.state)
-            job_state.job_wrapper.fail(f"Unable to finish job after its {event.state} event", exception=True)
-        finally:
-            self.tracker.forget(job_state.k8s_tracked)
-            job_state.k8s_ack()
+            tries = self._event_retries.get(event.event_id, 0) + 1
+            if tries < MAX_EVENT_RETRIES and hasattr(ack, "retry"):
+                self._event_retries[event.event_id] = tries
+                log.exception("(%s) applying the %s event failed (try %d); it comes back", event.job_id, event.state, tries)
+                self.tracker.unclaim_terminal(tracked)
+                self.tracker.forget_event(event.event_id)
+                ack.retry()
+                return
+            log.exception("(%s) applying the %s event failed; failing the job", event.job_id, event.state)
+            try:
+                job_state.job_wrapper.fail(f"Unable to finish job after its {event.state} event", exception=True)
+            except Exception:
+                log.exception("(%s) failing the job failed too; the event comes back", event.job_id)
+                self.tracker.unclaim_terminal(tracked)
+                self.tracker.forget_event(event.event_id)
+                getattr(ack, "retry", lambda: None)()
+                return
+        self._event_retries.pop(event.event_id, None)
+        self.tracker.forget(tracked)
+        ack()
 
     def finish_job(self, job_state: AsynchronousJobState) -> None:
         """Sets metadata (the job script did not), then Galaxy's own finishing."""
@@ -451,8 +589,9 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         super().finish_job(job_state)
 
     def fail_job(self, job_state, exception: bool = False, message: str = "Job failed", full_status=None) -> None:
-        """Fails the job with the tool's stdout/stderr when its files exist (resubmission
-        rules apply to the runner state, e.g. ``memory_limit_reached``)."""
+        """Fails the job with the tool's stdout/stderr when its files exist, else the event's
+        log tail (resubmission rules apply to the runner state, e.g.
+        ``memory_limit_reached``)."""
         job_state.job_wrapper.reclaim_ownership()
         full_status = full_status or self._tool_streams(job_state)
         super().fail_job(job_state, exception=exception, message=message, full_status=full_status)

@@ -23,6 +23,8 @@ from typing import (
 
 from .messages import Event
 
+#: Acknowledges an event once Galaxy recorded it (a :class:`~k8s_job_worker_galaxy.amqp.Delivery`,
+#: which can also give it back with ``retry()``).
 Ack = Callable[[], None]
 
 
@@ -88,6 +90,16 @@ class Tracker:
                 return False
             tracked.finishing = True
             return True
+
+    def unclaim_terminal(self, tracked: Tracked) -> None:
+        """Undoes :meth:`claim_terminal`: the event could not be applied and comes again."""
+        with self._lock:
+            tracked.finishing = False
+
+    def forget_event(self, event_id: str) -> None:
+        """Forgets that ``event_id`` was seen (it comes again, and must be applied then)."""
+        with self._lock:
+            self._seen.pop(event_id, None)
 
     def first_time(self, event_id: str) -> bool:
         """Remembers ``event_id``; False when it was seen before (a duplicate)."""

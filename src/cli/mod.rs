@@ -98,7 +98,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(why) = settings.validate() {
         bail!("invalid configuration: {why}");
     }
-    let client = k8s_job_worker::k8s::client::client(&settings.kube).await?;
+    let clients = k8s_job_worker::k8s::client::clients(&settings.kube).await?;
     let listener = tokio::net::TcpListener::bind(&settings.worker.http_listen)
         .await
         .with_context(|| format!("binding the HTTP endpoint {}", settings.worker.http_listen))?;
@@ -109,7 +109,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         shutdown::signal().await;
         trigger.trigger();
     });
-    k8s_job_worker::run::run(settings, client, listener, stop).await;
+    k8s_job_worker::run::run(settings, clients, listener, stop).await;
     Ok(())
 }
 

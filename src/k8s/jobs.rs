@@ -55,6 +55,8 @@ pub struct Jobs {
     watched: Api<WatchedJob>,
     pods: Api<Pod>,
     watched_pods: Api<WatchedPod>,
+    /// Jobs and pods for watch streams alone (no read timeout: [`Jobs::with_watch_client`]).
+    streams: (Api<WatchedJob>, Api<WatchedPod>),
     events: Api<Event>,
     config: JobsConfig,
     creates: Semaphore,
@@ -112,10 +114,19 @@ impl Jobs {
             watched: Api::namespaced(client.clone(), ns),
             pods: Api::namespaced(client.clone(), ns),
             watched_pods: Api::namespaced(client.clone(), ns),
+            streams: (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
             events: Api::namespaced(client, ns),
             creates: Semaphore::new(config.max_concurrent_creates.max(1)),
             config,
         }
+    }
+
+    /// Watch streams through `client` from now on: one without the requests' read timeout
+    /// ([`super::client::Clients`]); lists and gets keep the request client.
+    pub fn with_watch_client(mut self, client: Client) -> Self {
+        let ns = &self.config.namespace;
+        self.streams = (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns));
+        self
     }
 
     /// The namespace.
@@ -123,14 +134,14 @@ impl Jobs {
         &self.config.namespace
     }
 
-    /// Jobs decoded slim (for watches and lists).
+    /// Jobs decoded slim, for watch streams.
     pub fn watched_jobs(&self) -> Api<WatchedJob> {
-        self.watched.clone()
+        self.streams.0.clone()
     }
 
-    /// Pods decoded slim (for watches and lists).
+    /// Pods decoded slim, for watch streams.
     pub fn watched_pods(&self) -> Api<WatchedPod> {
-        self.watched_pods.clone()
+        self.streams.1.clone()
     }
 
     /// The Jobs matching `selector`, handed to `each` a page ([`LIST_PAGE`]) at a time, so

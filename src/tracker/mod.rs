@@ -103,6 +103,7 @@ pub async fn run(ctx: Arc<Context>) {
     let mut leadership = ctx.leadership.subscribe();
     // The Lease may have been won before we subscribed: start from the current role.
     let initial = state.set_reporting(*leadership.borrow_and_update());
+    let mut last_term = ctx.leadership.term();
     debug_assert!(initial.is_empty(), "nothing is synced yet");
     let selector = ctx.defaults.naming.selector();
     let jobs = watcher::Config::default().labels(&selector);
@@ -127,8 +128,13 @@ pub async fn run(ctx: Arc<Context>) {
             changed = leadership.changed() => {
                 if changed.is_err() { break }
                 let leader = *leadership.borrow_and_update();
-                tracing::info!(reporting = leader, "reporting role changed");
-                state.set_reporting(leader)
+                let term = ctx.leadership.term();
+                let continued = leader && term.is_some() && term == last_term;
+                if leader {
+                    last_term = term;
+                }
+                tracing::info!(reporting = leader, continued, "reporting role changed");
+                if continued { state.continue_reporting() } else { state.set_reporting(leader) }
             }
             Some(report) = dropped.recv() => {
                 state.dropped(report);
@@ -155,6 +161,12 @@ pub async fn run(ctx: Arc<Context>) {
             }
             _ = reconcile.tick() => relist(&ctx, &mut state).await,
             _ = timers.tick() => {
+                // A namespace being deleted has no reporter any more (its Lease cannot be made
+                // again): every replica lets go of what the finalizer holds there, or the
+                // namespace would wait for the workers to stop (found in a chaos run).
+                if ctx.leadership.namespace_terminating() {
+                    let_go_of_deleting(&ctx, &state).await;
+                }
                 // Counting walks every Job: on the timer, not on every watch event.
                 for (label, count) in state.counts() {
                     ctx.metrics.observe(Observation::Tracked { state: label, count });
@@ -192,6 +204,11 @@ pub async fn run(ctx: Arc<Context>) {
     while executors.join_next().await.is_some() {}
     // Jobs being deleted while the worker's finalizer holds them (a namespace going away, the
     // worker in it): a replica that stops lets them go, or nothing would.
+    let_go_of_deleting(&ctx, &state).await;
+}
+
+/// Lets go of the Jobs being deleted that the worker's finalizer holds.
+async fn let_go_of_deleting(ctx: &Context, state: &TrackerState) {
     for (name, uid) in state.held_and_deleting() {
         let release = tokio::time::timeout(Duration::from_secs(2), ctx.jobs.release(&name, &uid));
         if !matches!(release.await, Ok(Ok(()))) {

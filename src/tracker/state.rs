@@ -43,8 +43,8 @@ pub struct Report {
     pub exists: bool,
     /// The Job's status as classified (to re-classify with fresher pods).
     pub view: JobView,
-    /// Owed only if the Job did not become a record: it left the watch while its outcome was
-    /// claimed (which a record does too, as the watch sees it). The executor looks first.
+    /// Owed only if nothing has the Job's name now (whoever told its outcome left a record
+    /// under it): the Job left the watch. The executor looks first.
     pub unless_recorded: bool,
 }
 
@@ -97,6 +97,10 @@ pub struct TrackerState {
     departed: Vec<(std::time::Instant, Report)>,
     /// Jobs whose report was dropped by the executor: evaluated again on the next tick.
     retry: HashSet<String>,
+    /// Jobs that vanished failed before this view saw their pods end (someone deleted a Job as
+    /// it failed; its pods go with it): since when they wait for their pods' last states, which
+    /// the pod watch delivers after the Job's deletion ([`SETTLE`]).
+    settling: HashMap<String, std::time::Instant>,
     /// Known Jobs waiting under a time limit: for their first pod, or with a pod that cannot
     /// start (unschedulable, image pull, container creation).
     timed: HashSet<String>,
@@ -136,6 +140,11 @@ pub struct DueRead {
 /// The most pods a sweep may expect and still read the apiserver's watch cache, which answers
 /// in one response (about 4.5 kB a pod): beyond, it lists page by page.
 pub const CACHED_READ_MAX: usize = 1000;
+
+/// How long a Job that vanished failed waits for its pods' last states before it is
+/// reported as it is (found in a chaos run: an OOM kill told as a plain failure, its pod's
+/// OOMKilled state still on the way when the Job's deletion came).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The first read of a waiting Job's pods, after its creation.
 const FIRST_READ: std::time::Duration = std::time::Duration::from_secs(2);
@@ -299,6 +308,9 @@ impl TrackerState {
         due.extend(self.retry.drain());
         let mut reports: Vec<Report> = std::mem::take(&mut self.departed).into_iter().map(|(_, r)| r).collect();
         reports.extend(due.iter().filter_map(|uid| self.evaluate(uid, true)));
+        let overdue: Vec<String> =
+            self.settling.iter().filter(|(_, since)| since.elapsed() >= SETTLE).map(|(uid, _)| uid.clone()).collect();
+        reports.extend(overdue.iter().filter_map(|uid| self.settle(uid)));
         reports
     }
 
@@ -327,12 +339,25 @@ impl TrackerState {
     /// replica may have reported in between) and returns everything now due, so a takeover
     /// repeats at most the events in flight at the handover (same event ids).
     pub fn set_reporting(&mut self, on: bool) -> Vec<Report> {
+        if on && self.paused {
+            for tracked in self.jobs.values_mut() {
+                tracked.emitted = tracked.meta.reported;
+            }
+        }
+        self.resume(on)
+    }
+
+    /// Reports again in the term this replica had (its Lease renewed late, nobody took it in
+    /// between): nobody else reported meanwhile, so what it emitted stays emitted (found in a
+    /// chaos run: a reporter whose records waited out an apiserver outage told them again).
+    pub fn continue_reporting(&mut self) -> Vec<Report> {
+        self.resume(true)
+    }
+
+    fn resume(&mut self, on: bool) -> Vec<Report> {
         let was_paused = std::mem::replace(&mut self.paused, !on);
         if !on || !was_paused {
             return Vec::new();
-        }
-        for tracked in self.jobs.values_mut() {
-            tracked.emitted = tracked.meta.reported;
         }
         let mut reports: Vec<Report> = std::mem::take(&mut self.departed)
             .into_iter()
@@ -394,6 +419,12 @@ impl TrackerState {
                 // The last state decides (annotations say whether a cancel or replace did it).
                 tracked.meta = job_meta(&job.metadata);
                 tracked.view = job_view(job);
+                if self.awaits_pods(&uid) {
+                    self.timed.remove(&uid);
+                    self.retry.remove(&uid);
+                    self.settling.insert(uid, std::time::Instant::now());
+                    return None;
+                }
                 self.gone(&uid)
             }
             None => None,
@@ -402,8 +433,29 @@ impl TrackerState {
         report
     }
 
+    /// Whether a vanished Job failed while a pod of it has not been seen to end: its pods' last
+    /// states are yet to come (an OOM kill, an exit code), and decide its outcome.
+    fn awaits_pods(&self, uid: &str) -> bool {
+        let Some(tracked) = self.jobs.get(uid) else { return false };
+        let meta = &tracked.meta;
+        let owed = !meta.replaced && meta.reported.is_none() && meta.cancelled.is_none() && rank(tracked.emitted) < 2;
+        let pods = self.pods.get(uid).map_or(&[][..], Vec::as_slice);
+        let unended =
+            pods.is_empty() || pods.iter().any(|p| !matches!(p.phase, PodPhase::Succeeded | PodPhase::Failed));
+        owed && unended && self.classify(uid).is_some_and(|o| o.state == JobState::Failed)
+    }
+
+    /// A vanished Job's wait for its pods is over: what it owes now.
+    fn settle(&mut self, uid: &str) -> Option<Report> {
+        self.settling.remove(uid)?;
+        let report = self.gone(uid);
+        self.forget(uid);
+        report
+    }
+
     /// Forgets a Job that is gone, with its pods.
     fn forget(&mut self, uid: &str) {
+        self.settling.remove(uid);
         self.jobs.remove(uid);
         self.pods.remove(uid);
         self.timed.remove(uid);
@@ -431,10 +483,12 @@ impl TrackerState {
         if meta.cancelled.is_some() {
             return self.due(uid, false); // cancelled, and gone before its event went out
         }
-        // Its outcome was claimed: the reporter published it and made it a record (the
+        // Whoever reported it left a record under its name: a claimed outcome became one (the
         // apiserver's delete event for an object that stops matching the selector carries its
-        // previous state, without the record's marks), unless it was let go some other way.
-        let unless_recorded = meta.claimed.is_some() || meta.held;
+        // previous state, without the record's marks), and a Job deleted before its claim got
+        // one created by the reporter that told its outcome (found in a chaos run: a takeover
+        // repeated the outcomes of Jobs someone deleted at once). The executor looks first.
+        let unless_recorded = true;
         let mut report = if self.classify(uid).is_some_and(|o| o.state.is_terminal()) {
             // It finished before it went: its terminal event, not `lost`.
             self.due(uid, false)?
@@ -469,6 +523,9 @@ impl TrackerState {
     /// A pod was added or changed.
     pub fn apply_pod(&mut self, pod: &WatchedPod) -> Option<Report> {
         let owner = self.store_pod(pod)?;
+        if self.settling.contains_key(&owner) {
+            return if self.awaits_pods(&owner) { None } else { self.settle(&owner) };
+        }
         if let Some(seen) = self.relisting_pods.as_mut().filter(|_| !self.jobs.contains_key(&owner)) {
             seen.insert((owner.clone(), pod.metadata.name.clone().unwrap_or_default()));
         }
@@ -598,7 +655,7 @@ impl TrackerState {
     /// Classifies one Job; returns a report when it reached a state not yet emitted and this
     /// replica reports.
     fn evaluate(&mut self, uid: &str, exists: bool) -> Option<Report> {
-        if self.paused {
+        if self.paused || self.settling.contains_key(uid) {
             return None;
         }
         self.due(uid, exists)

@@ -196,13 +196,14 @@ fn item7_a_claimed_job_that_leaves_the_watch_is_owed_its_outcome_unless_it_becam
     let owed = s.set_reporting(true);
     assert_eq!(owed.len(), 1);
     assert_eq!((owed[0].outcome.state, owed[0].unless_recorded), (JobState::Succeeded, true));
-    // An unclaimed one that goes is owed plainly.
+    // So is an unclaimed one that someone deleted: the reporter then told its outcome and
+    // created a record under its name (a chaos run found the takeover repeating it).
     let mut s = paused_synced();
     let plain = job("u2", json!({}), json!({"conditions": [{"type": "Complete", "status": "True"}]}));
     s.apply_job(&plain);
     s.delete_job(&plain);
     let owed = s.set_reporting(true);
-    assert_eq!((owed.len(), owed[0].unless_recorded), (1, false));
+    assert_eq!((owed.len(), owed[0].unless_recorded), (1, true));
 }
 
 #[test]
@@ -605,4 +606,38 @@ fn a_sweep_reads_the_watch_cache_only_while_the_answer_is_small_and_no_job_is_pa
     s.apply_job(&young("f2".into()));
     s.apply_pod(&pod("p2", "f2", "Failed", Some((1, "Error"))));
     assert!(!s.read_from_cache(&due), "{} waiting Jobs and 2 failed pods", CACHED_READ_MAX - 1);
+}
+
+#[test]
+fn a_reporter_back_in_its_own_term_does_not_repeat_what_it_told() {
+    // It told the outcome, its record waited out an apiserver outage, its Lease expired by its
+    // own clock and then renewed with nobody in between: nothing to tell again.
+    let mut s = synced();
+    let complete = json!({"conditions": [{"type": "Complete", "status": "True"}]});
+    assert_eq!(state_of(s.apply_job(&job("u1", json!({}), complete.clone()))), Some(JobState::Succeeded));
+    assert!(s.set_reporting(false).is_empty());
+    assert!(s.continue_reporting().is_empty(), "the same term: already told");
+    // A new term (another replica may have held the Lease meanwhile) tells it again.
+    assert!(s.set_reporting(false).is_empty());
+    assert_eq!(s.set_reporting(true).iter().map(|r| r.outcome.state).collect::<Vec<_>>(), [JobState::Succeeded]);
+}
+
+#[test]
+fn a_job_deleted_as_it_fails_waits_for_its_pods_last_states() {
+    // Someone deleted the Job the moment it failed; its pod's OOMKilled state comes through the
+    // pod watch after the Job's deletion (its pods go with it): an OOM kill, not a failure.
+    let mut s = synced();
+    s.apply_job(&job("u1", json!({}), json!({})));
+    assert_eq!(state_of(s.apply_pod(&pod("p1", "u1", "Running", None))), Some(JobState::Running));
+    let failed = json!({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]});
+    assert_eq!(state_of(s.delete_job(&job("u1", json!({}), failed.clone()))), None, "its pod has not ended yet");
+    assert!(s.tick().is_empty(), "still waiting");
+    let report = s.pod_left(&pod("p1", "u1", "Failed", Some((137, "OOMKilled")))).unwrap();
+    assert_eq!((report.outcome.state, report.exists), (JobState::OomKilled, false));
+    assert_eq!(s.pod_entries(), 0, "forgotten once settled");
+    // Its pods seen ended: told at once.
+    let mut s = synced();
+    s.apply_job(&job("u2", json!({}), json!({})));
+    s.apply_pod(&pod("p2", "u2", "Failed", Some((3, "Error"))));
+    assert_eq!(state_of(s.delete_job(&job("u2", json!({}), failed))), Some(JobState::Failed));
 }

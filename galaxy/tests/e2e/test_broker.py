@@ -57,6 +57,27 @@ def test_a_routable_message_is_confirmed_and_persistent(names, connection):
         queue(connection.default_channel).delete()
 
 
+def test_a_batch_is_pipelined_and_each_message_has_its_own_answer(names, connection):
+    queue = Queue(f"{names.request_queue}.batch", exchange=Exchange(""), routing_key=f"{names.request_queue}.batch",
+                  durable=True)
+    queue(connection.default_channel).declare()
+    publisher = ConfirmingPublisher(os.environ["AMQP_URL"], confirm_timeout=5)
+    try:
+        missing = f"{names.request_queue}.nobody-declared-it"
+        batch = [(json.dumps({"n": n}).encode(), missing if n == 3 else queue.name, "") for n in range(200)]
+        results = publisher.publish_many(batch)
+        assert [n for n, error in enumerate(results) if error is not None] == [3]
+        assert isinstance(results[3], Unroutable) and "NO_ROUTE" in str(results[3])
+        bodies = []
+        while (message := connection.default_channel.basic_get(queue.name, no_ack=True)) is not None:
+            bodies.append(json.loads(message.body)["n"])
+        assert bodies == [n for n in range(200) if n != 3]
+        publisher.publish(b'{"n": "after"}', routing_key=queue.name)  # the channel is still good
+    finally:
+        publisher.close()
+        queue(connection.default_channel).delete()
+
+
 def test_an_event_stays_queued_until_acknowledged(names, connection):
     exchange = Exchange(names.result_exchange, type="topic", durable=True)
     queue_name = f"{names.result_exchange}.consumer-test"
@@ -72,7 +93,7 @@ def test_an_event_stays_queued_until_acknowledged(names, connection):
                 ack()
                 acked.set()
 
-        consumer = EventConsumer(os.environ["AMQP_URL"], names.result_exchange, queue_name, "inst.#", on_event)
+        consumer = EventConsumer(os.environ["AMQP_URL"], names.result_exchange, queue_name, ["inst.#"], on_event)
         consumer.start()
         wait_until(consumer.ready.is_set, "the consumer", 30)
         return consumer
@@ -89,7 +110,7 @@ def test_an_event_stays_queued_until_acknowledged(names, connection):
         first.stop()  # not acknowledged: back in the queue
         second = consume(ack_it=True)
         wait_until(acked.is_set, "the redelivery", 30)
-        wait_until(lambda: second._acks.empty(), "the acknowledgement to be sent", 30)
+        wait_until(lambda: second._settled.empty(), "the acknowledgement to be sent", 30)
         second.stop()
         assert received == [{"n": 1}, {"n": 1}]
         message = connection.default_channel.basic_get(queue_name, no_ack=True)

@@ -9,30 +9,20 @@ import os
 import re
 
 import pytest
-from harness import wait_until
+from harness import (
+    finishing_lines,
+    galaxy_job_number,
+    process_alive,
+    wait_until,
+)
 
 CONTENT = "chr1\t100\t200\nchr2\t300\t400\n"
 
 
-def galaxy_job_number(job: dict) -> str:
-    """Galaxy's (decoded) job id, from the external id ``galaxy-<instance>-<id>`` (a
-    resubmission's ends in ``-a<attempt>``)."""
-    return re.sub(r"-a\d+$", "", job["external_id"]).rsplit("-", 1)[-1]
-
-
-def finishing_lines(stack, job: dict) -> list[str]:
-    """The plugin's log lines saying it handed the job's terminal event to Galaxy."""
-    pattern = re.compile(rf"\({galaxy_job_number(job)}/[^)]*\) \w+ event \(attempt \d+\): (finish|fail)")
-    return [line for line in stack.galaxy.log_text().splitlines() if pattern.search(line)]
-
-
 @pytest.fixture(scope="module")
 def history(stack):
-    """A history with one uploaded dataset (uploads run on Galaxy's local runner)."""
-    history_id = stack.api.history("e2e")
-    dataset_id = stack.api.upload(history_id, CONTENT)
-    assert stack.api.wait_dataset(dataset_id)["state"] == "ok"
-    return history_id, dataset_id
+    """A history with one uploaded dataset."""
+    return stack.api.history_with("e2e", CONTENT)
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +123,4 @@ def test_7_restarts_recover_running_jobs_and_finish_jobs_done_meanwhile(stack, h
         job = stack.api.wait_job(job_id, timeout=240)
         assert job["state"] == "ok", job
         assert stack.api.content(output) == "released\n"
-        assert len(finishing_lines(stack, job)) == 1, finishing_lines(stack, job)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+        assert len(finishing_lines(stack.galaxy, job)) == 1, finishing_lines(stack.galaxy, job)

@@ -35,6 +35,7 @@ from kombu import (
     Queue,
 )
 
+from k8s_job_worker_galaxy.messages import parse_event
 from k8s_job_worker_galaxy.runner import K8sJobWorkerJobRunner
 
 CAT1 = Path(galaxy.tools.__file__).parent / "bundled" / "filters" / "catWrapper.xml"
@@ -248,6 +249,22 @@ def event(job_id, state, event_id=None, attempt=None, exit_code=None, reason="")
     if attempt is not None:
         body["attempt"] = attempt
     return body
+
+
+def submit(galaxy, broker, runner, **job_kwds):
+    """A cat1 job queued through the runner; its job wrapper and the published request."""
+    job_wrapper = galaxy.job(**job_kwds)
+    runner.queue_job(job_wrapper)
+    runner.outbox.flush()
+    (request,) = broker.messages(broker.requests)
+    return job_wrapper, request
+
+
+def deliver(runner, job_wrapper, state, **kwds):
+    """One event for the job, handled as the consumer thread does; its acknowledgements."""
+    acks = Acks()
+    runner.handle_event(parse_event(event(job_wrapper.get_id_tag(), state, **kwds)), acks)
+    return acks
 
 
 def run_job_script(job_wrapper, request) -> int:

@@ -40,11 +40,13 @@ def queued_events(runner, broker):
 def test_the_consumer_thread_applies_events_and_acknowledges_after_galaxy(galaxy, broker, runner):
     job_wrapper = galaxy.job()
     runner.queue_job(job_wrapper)
+    runner.outbox.flush()
     (request,) = broker.messages(broker.requests)
     run_job_script(job_wrapper, request)
     job_id = job_wrapper.get_id_tag()
     assert runner.event_queue_name == f"{broker.exchange}.unit.main"
-    assert runner.binding_key == "unit.#"
+    assert runner.event_consumer is None
+    assert runner.event_queue_arguments() == {}
 
     runner._init_event_consumer()
     try:
@@ -55,7 +57,7 @@ def test_the_consumer_thread_applies_events_and_acknowledges_after_galaxy(galaxy
         publish_event(broker, event(job_id, "succeeded", exit_code=0))  # a replay
         publish_event(broker, event("999999", "succeeded", exit_code=0))  # no such job
         wait_for(lambda: not runner.work_queue.empty(), "the finishing work item")
-        acks = runner.event_consumer._acks
+        acks = runner.event_consumer._settled
         assert galaxy.reload(job_wrapper).state == model.Job.states.RUNNING
         assert drain(runner) == ["_apply_terminal"]
         wait_for(acks.empty, "the acknowledgement to be sent")

@@ -13,14 +13,17 @@ from galaxy.jobs.runners.util import runner_states
 
 from k8s_job_worker_galaxy.messages import (
     Action,
+    binding_keys,
     build_control,
     build_request,
     decide,
     EVENT_ACTIONS,
     EVENT_STATES,
+    memory_value,
     MessageError,
     parse_event,
     resource_value,
+    routing_word,
 )
 
 
@@ -78,9 +81,9 @@ def test_every_destination_parameter_reaches_its_schema_field():
         "image": "quay.io/biocontainers/samtools:1.17",
         "destination_id": "k8s_big",
         "requests_cpu": 1,
-        "requests_memory": 2,
+        "requests_memory": "2",
         "limits_cpu": 1.5,
-        "limits_memory": "4Gi",
+        "limits_memory": "4294967296",
         "max_pod_retries": 2,
         "walltime_seconds": 3600,
         "node_selector": {"disktype": "ssd"},
@@ -144,7 +147,10 @@ def test_events_are_parsed_and_bad_ones_refused():
         ("node_lost", None, False, Action.FAIL, runner_states.UNKNOWN_ERROR),
         ("lost", None, False, Action.FAIL, runner_states.UNKNOWN_ERROR),
         ("lost", None, True, Action.FINISH, None),
-        ("cancelled", None, False, Action.NOTHING, None),
+        ("cancelled", None, False, Action.FAIL, runner_states.UNKNOWN_ERROR),
+        ("failed", 3, False, Action.FAIL, runner_states.UNKNOWN_ERROR),  # its script never ran
+        ("unknown", None, False, Action.RESEND, None),
+        ("unknown", None, True, Action.FINISH, None),
     ],
 )
 def test_event_to_galaxy_action(state, exit_code, exit_code_file, action, runner_state):
@@ -153,3 +159,38 @@ def test_event_to_galaxy_action(state, exit_code, exit_code_file, action, runner
     assert decision.runner_state == runner_state
     if action is Action.FAIL:
         assert decision.message.endswith(": the reason")
+
+
+def test_a_cancel_galaxy_asked_for_is_nothing_more_one_it_did_not_fails_the_job():
+    cancelled = parse_event(event(1, "cancelled", reason="cancelled with k8s-job-worker cancel"))
+    assert decide(cancelled, stopping=True).action is Action.NOTHING
+    decision = decide(cancelled, stopping=False)
+    assert (decision.action, decision.runner_state) == (Action.FAIL, runner_states.UNKNOWN_ERROR)
+    assert "outside Galaxy" in decision.message and "k8s-job-worker cancel" in decision.message
+
+
+def test_a_failure_whose_job_script_never_ran_fails_with_the_workers_reason():
+    failed = parse_event(event(1, "failed", exit_code=127, reason="exec: /bin/bash: not found"))
+    decision = decide(failed, exit_code_file_exists=False)
+    assert decision.action is Action.FAIL and "did not run" in decision.message and "not found" in decision.message
+    assert decide(failed, exit_code_file_exists=True).action is Action.FINISH, "the tool's own failure: Galaxy judges it"
+
+
+@pytest.mark.parametrize("given", [4, "4", "4g", "4G", "4Gi", "4gi", "1.5G", "512Mi", "129e6", "100M", 2**30])
+def test_memory_means_what_galaxy_26_bytesize_says(given):
+    from galaxy.util.bytesize import ByteSize
+
+    assert memory_value(given, "limits_memory") == str(int(round(ByteSize(given).value)))
+
+
+@pytest.mark.parametrize("given", ["4GB", "lots", "-1G"])
+def test_memory_galaxy_26_refuses_is_refused_with_its_name(given):
+    with pytest.raises(MessageError, match="limits_memory"):
+        memory_value(given, "limits_memory")
+
+
+def test_a_handler_is_one_routing_word_as_the_worker_writes_it():
+    assert routing_word("main") == "main"
+    assert routing_word("main.job-handlers.1") == "main%2Ejob-handlers%2E1"
+    assert routing_word("a%2Eb") == "a%252Eb"
+    assert binding_keys("main", "handler.1") == ["main.handler%2E1.*", "main.*"]

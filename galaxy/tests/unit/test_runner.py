@@ -7,39 +7,23 @@ import os
 import jsonschema
 import pytest
 from conftest import (
-    Acks,
+    deliver,
     drain,
-    event,
     run_job_script,
+    submit,
     SCHEMAS,
 )
 from galaxy import model
 from galaxy.tool_util.deps.containers import ContainerFinder
 from galaxy.tool_util.deps.dependencies import AppInfo
 
-from k8s_job_worker_galaxy.messages import parse_event
 
 REQUEST_SCHEMA = json.loads((SCHEMAS / "job-request.v1.json").read_text())
 
 
-def submit(galaxy, broker, runner, **job_kwds):
-    """A cat1 job queued through the runner; its job wrapper and the published request."""
-    job_wrapper = galaxy.job(**job_kwds)
-    runner.queue_job(job_wrapper)
-    (request,) = broker.messages(broker.requests)
-    return job_wrapper, request
-
-
-def deliver(runner, job_wrapper, state, **kwds):
-    """One event for the job, handled as the consumer thread does; its acknowledgements."""
-    acks = Acks()
-    runner.handle_event(parse_event(event(job_wrapper.get_id_tag(), state, **kwds)), acks)
-    return acks
-
-
 def test_request_for_a_real_cat1_job(galaxy, broker, runner):
     job_wrapper, request = submit(
-        galaxy, broker, runner, destination_params={"limits_memory": "0.5", "requests_cpu": 1, "max_pod_retries": 0}
+        galaxy, broker, runner, destination_params={"limits_memory": "500M", "requests_cpu": 1, "max_pod_retries": 0}
     )
     jsonschema.validate(request, REQUEST_SCHEMA)
     job = galaxy.reload(job_wrapper)
@@ -50,7 +34,8 @@ def test_request_for_a_real_cat1_job(galaxy, broker, runner):
     assert request["command_line"] == f"{job_state.job_file}; exit $(cat {job_state.exit_code_file})"
     assert request["working_directory"] == job_wrapper.working_directory
     assert request["image"] == "python:3.12-slim"  # no container resolved: the runner's default
-    assert (request["limits_memory"], request["requests_cpu"], request["max_pod_retries"]) == (0.5, 1, 0)
+    assert (request["limits_memory"], request["requests_cpu"], request["max_pod_retries"]) == ("500000000", 1, 0)
+    assert request["handler"] == "main", "its events are routed to this handler"
     assert request["annotations"]["app.galaxyproject.org/tool_id"] == "cat1"
     with open(job_state.job_file) as f:
         script = f.read()
@@ -68,14 +53,14 @@ def test_destination_image_and_runner_defaults(galaxy, broker, runner):
 
 def test_the_job_is_registered_before_its_request_is_published(galaxy, broker, runner):
     seen = []
-    publish = runner.publisher.publish
+    publish_many = runner.publisher.publish_many
 
-    def spy(body, routing_key, **kwds):
+    def spy(messages):
         """Notes the registration at publish time, then publishes."""
-        seen.append(runner.tracker.get(json.loads(body)["job_id"]))
-        publish(body, routing_key, **kwds)
+        seen.extend(runner.tracker.get(json.loads(body)["job_id"]) for body, _, _ in messages)
+        return publish_many(messages)
 
-    runner.publisher.publish = spy
+    runner.publisher.publish_many = spy
     job_wrapper, _ = submit(galaxy, broker, runner)
     assert seen[0] is not None and seen[0].attempt == 1
 
@@ -141,15 +126,15 @@ def test_failures_outside_the_tool_fail_the_job_with_the_reason(galaxy, broker, 
 
 
 def test_oom_is_resubmitted_to_the_bigger_destination_as_the_next_attempt(galaxy, broker, runner):
-    galaxy.destinations["bigger"] = galaxy.destination("bigger", {"limits_memory": "2"})
+    galaxy.destinations["bigger"] = galaxy.destination("bigger", {"limits_memory": "2G"})
     job_wrapper, request = submit(
         galaxy,
         broker,
         runner,
-        destination_params={"limits_memory": "0.1"},
+        destination_params={"limits_memory": "0.1G"},
         resubmit=[{"condition": "memory_limit_reached", "environment": "bigger"}],
     )
-    assert "attempt" not in request and request["limits_memory"] == 0.1
+    assert "attempt" not in request and request["limits_memory"] == "100000000"  # 0.1 GB, as Galaxy 26 reads it
     deliver(runner, job_wrapper, "oom_killed", exit_code=137, reason="OOMKilled")
     drain(runner)
     job = galaxy.reload(job_wrapper)
@@ -160,8 +145,9 @@ def test_oom_is_resubmitted_to_the_bigger_destination_as_the_next_attempt(galaxy
     retry = galaxy.rewrap(job_wrapper)
     retry.change_state(model.Job.states.QUEUED)
     runner.queue_job(retry)
+    runner.outbox.flush()
     (request,) = broker.messages(broker.requests)
-    assert request["attempt"] == 2 and request["limits_memory"] == 2
+    assert request["attempt"] == 2 and request["limits_memory"] == "2000000000"
     # a late copy of attempt 1's event does not touch attempt 2
     acks = deliver(runner, retry, "oom_killed", exit_code=137, event_id="late-copy", attempt=1)
     assert acks.count == 1 and drain(runner) == []
@@ -174,13 +160,17 @@ def test_oom_is_resubmitted_to_the_bigger_destination_as_the_next_attempt(galaxy
 def test_stop_sends_a_cancel_and_cancelled_ends_tracking(galaxy, broker, runner):
     job_wrapper, _ = submit(galaxy, broker, runner)
     runner.stop_job(job_wrapper)
+    runner.outbox.flush()
     (cancel,) = broker.messages(broker.control)
     assert cancel == {
         "schema": "k8s-job-worker/job-cancel/v1",
         "job_id": job_wrapper.get_id_tag(),
         "action": "cancel",
         "reason": "stopped by Galaxy",
+        "handler": "main",
     }
+    job_wrapper.get_job().mark_deleted(track_jobs_in_database=True)  # as Galaxy's stop queue does
+    galaxy.session.commit()
     acks = deliver(runner, job_wrapper, "cancelled")
     assert acks.count == 1 and drain(runner) == []
     assert runner.tracker.get(job_wrapper.get_id_tag()) is None
@@ -223,6 +213,7 @@ def test_an_event_before_recovery_is_held_then_applied_once(galaxy, broker, runn
     job = galaxy.reload(job_wrapper)
     recovered = galaxy.rewrap(job_wrapper)
     runner.recover(job, recovered)
+    runner.outbox.flush()
     (status,) = broker.messages(broker.control)
     assert (status["action"], status["job_id"], status.get("attempt")) == ("status", str(job.id), None)
     runner._on_idle()
