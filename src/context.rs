@@ -8,7 +8,7 @@ use crate::{
     config::Settings,
     domain::{decision::Rules, event::Reporter, job::JobDefaults, outcome::Limits},
     http::Health,
-    k8s::jobs::Jobs,
+    k8s::{jobs::Jobs, routes::Routes},
     leader::Leadership,
     observe::Metrics,
     shutdown::Shutdown,
@@ -26,6 +26,8 @@ pub struct Context {
     pub limits: Limits,
     /// The Jobs and pods of the namespace.
     pub jobs: Jobs,
+    /// The Services and Ingresses of interactive Jobs.
+    pub routes: Routes,
     /// The broker.
     pub broker: Arc<Broker>,
     /// The instance and replica events are published as.

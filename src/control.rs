@@ -62,7 +62,15 @@ async fn resubmit(ctx: &Context, intent: JobResubmit) -> Result<(), Error> {
     };
     let allowed = ctx.rules.resubmit_preempted_after.map(|_| ctx.rules.max_resubmissions);
     match (intent::judge(&intent, &expected, found.as_ref(), allowed, sealed), kept) {
-        (Verdict::Resubmit, Some(kept)) => ctx.jobs.resubmit(&kept).await,
+        // An interactive Job's Service and Ingress went with the Job they named: made again
+        // for the new one (and for one made before a crash cut this short).
+        (Verdict::Resubmit, Some(kept)) => match ctx.jobs.resubmit(&kept).await? {
+            Some(next) => ctx.routes.ensure(&next).await,
+            None => Ok(()),
+        },
+        (Verdict::Done, Some(next)) if found.as_ref().is_some_and(|f| !f.ended && f.uid != intent.replaces_uid) => {
+            ctx.routes.ensure(&next).await
+        }
         (Verdict::Done, _) => Ok(()),
         (Verdict::Interrupted, _) => interrupted(ctx, &intent).await,
         (Verdict::Refuse(why), _) => Err(ValidationError::invalid("intent", why).into()),

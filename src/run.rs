@@ -21,6 +21,7 @@ use crate::{
     k8s::{
         client::Clients,
         jobs::{Jobs, JobsConfig},
+        routes::Routes,
     },
     leader::{self, Leadership, LeaseConfig},
     observe::{Metrics, Observation},
@@ -84,6 +85,7 @@ pub async fn run(settings: Settings, clients: Clients, http: tokio::net::TcpList
         },
         limits: settings.limits(),
         reporter: Reporter { instance_id: settings.instance_id().map(str::to_string), worker_id },
+        routes: Routes::new(client.clone(), &namespace),
         jobs,
         broker: broker.clone(),
         metrics: metrics.clone(),

@@ -12,7 +12,9 @@ use crate::{
     domain::{
         decision::JobAction,
         event::{JobState, Subject},
-        job, outcome, request,
+        job,
+        keys::ANN_REPLACED,
+        outcome, request,
     },
     error::Error,
     k8s::{render, view},
@@ -35,6 +37,7 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
     let owner = ctx.defaults.naming.owner(&request.job_id, request.attempt);
     let action = ctx.jobs.create_or_adopt(&render::job(&plan, ctx.jobs.namespace()), &owner, &fingerprint).await?;
     let to_job = received.elapsed();
+    let interactive = plan.routes().is_some();
     let name = plan.name;
     if action == JobAction::AlreadyFinished {
         return answer_from_record(ctx, &request, &name, received).await;
@@ -43,6 +46,9 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
         let to_job = received.elapsed();
         ctx.metrics.observe(Observation::RequestAccepted { job_id: &request.job_id, job_name: &name, action, to_job });
         return Ok(()); // its cancel is the reporter's to tell, once
+    }
+    if interactive && action != JobAction::AlreadyCancelled {
+        route(ctx, &name).await?;
     }
     let (state, fingerprint, reason) = match action {
         JobAction::AlreadyCancelled => {
@@ -60,6 +66,23 @@ async fn accept(ctx: &Context, body: &[u8], received: Instant) -> Result<(), Err
     ctx.metrics.observe(Observation::EventPublished { event: &event, confirm, since_transition: None });
     ctx.metrics.observe(Observation::RequestAccepted { job_id: &request.job_id, job_name: &name, action, to_job });
     Ok(())
+}
+
+/// Makes the Service and Ingress of an interactive Job (again, for one adopted after a crash).
+/// When the apiserver refuses them the Job goes too (marked replaced: it never reports) and
+/// the request is refused with the reason.
+async fn route(ctx: &Context, name: &str) -> Result<(), Error> {
+    let Some(job) = ctx.jobs.get_full(name).await? else {
+        return Err(Error::JobConflict(name.to_string())); // gone meanwhile: try again
+    };
+    match ctx.routes.ensure(&job).await {
+        Err(refused @ Error::Invalid(_)) => {
+            let uid = job.metadata.uid.as_deref().unwrap_or_default();
+            ctx.jobs.mark_and_delete(name, uid, ANN_REPLACED, &refused.to_string()).await?;
+            Err(refused)
+        }
+        other => other,
+    }
 }
 
 /// A request that already ran to its end: its recorded terminal event again (the same event

@@ -92,7 +92,7 @@ async fn the_deploy_role_is_enough_for_a_job_and_nothing_more() {
     assert!(is_forbidden(Api::<Job>::namespaced(worker, "default").create(&pp, &job).await), "create elsewhere");
 
     // `check` with that identity: everything there; then, without pods/log, it names the gap.
-    let check = |path: &str| {
+    let check = |path: &str, extra: &[&str]| {
         let out = std::process::Command::new(worker_bin())
             .args([
                 "--log-format",
@@ -105,14 +105,18 @@ async fn the_deploy_role_is_enough_for_a_job_and_nothing_more() {
                 "--amqp-url",
                 &amqp_url(),
             ])
+            .args(extra)
             .env("RUST_LOG", "off")
             .env("RUST_BACKTRACE", "0")
             .output()
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
     };
-    let (ok, out) = check(&path);
+    let (ok, out) = check(&path, &[]);
     assert!(ok && out.contains("all 15 permissions"), "{out}");
+    // With interactive tools, their Services and Ingresses too (the Role has them).
+    let (ok, out) = check(&path, &["--policy-allowed-ingress-domains", "its.example.org"]);
+    assert!(ok && out.contains("all 21 permissions"), "{out}");
     assert!(out.contains("note  namespace"), "a namespaced Role cannot read namespaces: {out}");
     let roles: Api<Role> = Api::namespaced(h.client.clone(), &ns);
     let mut role = roles.get("k8s-job-worker").await.unwrap();
@@ -121,7 +125,7 @@ async fn the_deploy_role_is_enough_for_a_job_and_nothing_more() {
         .unwrap()
         .retain(|r| r.resources.as_ref().is_none_or(|res| !res.contains(&"pods/log".to_string())));
     roles.replace("k8s-job-worker", &pp, &role).await.unwrap();
-    let (ok, out) = check(&path);
+    let (ok, out) = check(&path, &[]);
     assert!(!ok && out.contains("FAIL  missing permission in namespace") && out.contains("get pods/log"), "{out}");
     h.finish().await;
 }

@@ -296,6 +296,214 @@ async fn an_adopted_job_keeps_its_labels_and_spec() {
     h.finish().await;
 }
 
+/// issue 25: what Galaxy 26's runner lets a destination choose — groups, pull policy,
+/// affinity, per-job sub-path volumes, GPUs — reaches the real apiserver's Job as asked, within
+/// the policy; the whole claim is refused.
+#[tokio::test]
+async fn issue25_destination_choices_reach_the_job_within_the_policy() {
+    let mut h = Harness::new("w-parity").await;
+    h.extra_args = [
+        "--policy-allowed-pvcs",
+        "galaxy-data/jobs,galaxy-data/files",
+        "--policy-allowed-run-as-ids",
+        "1000-2000",
+        "--policy-allow-affinity",
+        "true",
+        "--policy-allowed-extended-resources",
+        "nvidia.com/gpu=1",
+    ]
+    .map(String::from)
+    .to_vec();
+    h.start_worker().await;
+    let mut req = request("25", "sleep 1");
+    req["volumes"] = json!([
+        "galaxy-data/jobs/000/25/working:/galaxy/jobs/000/25/working",
+        "galaxy-data/files/000/dataset_7.dat:/galaxy/files/000/dataset_7.dat:r"
+    ]);
+    req["fs_group"] = json!(1500);
+    req["supplemental_groups"] = json!([1600]);
+    req["pull_policy"] = json!("Never");
+    req["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}}]}});
+    req["extended_resources"] = json!({"nvidia.com/gpu": 1});
+    h.submit(&req).await;
+    h.events_until("25", Duration::from_secs(30), |e| e.iter().any(|e| e.state == JobState::Submitted)).await;
+    let job = h.jobs().get("galaxy-main-25").await.unwrap();
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    let mounts: Vec<_> = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.sub_path.clone().unwrap_or_default(), m.mount_path.clone(), m.read_only.unwrap_or(false)))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("jobs/000/25/working".to_string(), "/galaxy/jobs/000/25/working".to_string(), false),
+            ("files/000/dataset_7.dat".to_string(), "/galaxy/files/000/dataset_7.dat".to_string(), true),
+        ]
+    );
+    let sc = pod.security_context.unwrap();
+    assert_eq!((sc.fs_group, sc.supplemental_groups), (Some(1500), Some(vec![1600])));
+    assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("Never"));
+    assert!(pod
+        .affinity
+        .unwrap()
+        .node_affinity
+        .unwrap()
+        .preferred_during_scheduling_ignored_during_execution
+        .is_some());
+    let limits = pod.containers[0].resources.clone().unwrap().limits.unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    // the whole claim (every job's files), or two GPUs: refused, with the rule named
+    let mut whole = request("26", "true");
+    whole["volumes"] = json!(["galaxy-data:/galaxy"]);
+    h.submit(&whole).await;
+    let mut two = request("27", "true");
+    two["extended_resources"] = json!({"nvidia.com/gpu": 2});
+    h.submit(&two).await;
+    for (job_id, rule) in [("26", "policy_allowed_pvcs"), ("27", "policy_allowed_extended_resources")] {
+        let events = h.events_until(job_id, Duration::from_secs(30), |e| !e.is_empty()).await;
+        assert_eq!(events[0].state, JobState::Failed, "{events:#?}");
+        assert!(events[0].reason.contains(rule), "{}", events[0].reason);
+    }
+    assert!(h.jobs().get_opt("galaxy-main-26").await.unwrap().is_none());
+    h.finish().await;
+}
+
+/// Issue 25, interactive tools: a request with entry points gets a ClusterIP Service over the
+/// tool's port and a `networking.k8s.io/v1` Ingress with a rule per entry point (class, TLS,
+/// annotations as asked), both owned by the Job; the container knows its entry point
+/// (`INTERACTIVETOOL_*`); the Service's endpoints reach the tool (sim-node runs it on the host
+/// network); a cancel stops the tool and removes both; a domain outside the policy is refused.
+#[tokio::test]
+async fn issue25_interactive_tools_get_a_service_and_ingress_that_go_with_them() {
+    use k8s_openapi::api::{
+        core::v1::{Endpoints, Service},
+        networking::v1::Ingress,
+    };
+    let mut h = Harness::new("w-interactive").await;
+    h.extra_args = [
+        "--policy-allowed-ingress-domains",
+        "its.test",
+        "--policy-allowed-ingress-classes",
+        "nginx",
+        "--policy-allowed-ingress-annotations",
+        "nginx.ingress.kubernetes.io/proxy-",
+    ]
+    .map(String::from)
+    .to_vec();
+    h.start_worker().await;
+    let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let marker = h.scratch("interactive-env");
+    let command = format!(
+        "echo \"$INTERACTIVETOOL_PORT $INTERACTIVETOOL_DOMAIN $INTERACTIVETOOL_PATH\" > {}; \
+         mkdir -p /tmp/it-$$ && cd /tmp/it-$$ && echo hello from the tool > index.html && \
+         exec python3 -m http.server $INTERACTIVETOOL_PORT",
+        marker.display()
+    );
+    let mut req = request("30", &command);
+    req["interactive"] = json!({
+        "entry_points": [
+            {"port": port, "domain": "abc123.ep.its.test", "path": "/"},
+            {"port": port, "domain": "its.test", "path": "/interactivetool/ep/abc123/xyz/"}
+        ],
+        "ingress_class": "nginx",
+        "tls": true,
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "0"}
+    });
+    h.submit(&req).await;
+    h.events_until("30", Duration::from_secs(30), |e| e.iter().any(|e| e.state == JobState::Running)).await;
+    let name = "galaxy-main-30";
+    let job = h.jobs().get(name).await.unwrap();
+    let uid = job.metadata.uid.clone().unwrap();
+    let services: kube::Api<Service> = kube::Api::namespaced(h.client.clone(), &h.namespace);
+    let ingresses: kube::Api<Ingress> = kube::Api::namespaced(h.client.clone(), &h.namespace);
+    let service = services.get(name).await.expect("the Service exists once the job runs");
+    let owners = service.metadata.owner_references.clone().unwrap();
+    assert_eq!((owners[0].kind.as_str(), owners[0].uid.as_str()), ("Job", uid.as_str()));
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.selector.unwrap().get("controller-uid"), Some(&uid));
+    let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
+    assert_eq!(ports, vec![i32::from(port)], "one port, once");
+    let ingress = ingresses.get(name).await.expect("the Ingress exists once the job runs");
+    assert_eq!(ingress.metadata.owner_references.unwrap()[0].uid, uid);
+    assert_eq!(ingress.metadata.annotations.unwrap()["nginx.ingress.kubernetes.io/proxy-body-size"], "0");
+    let spec = ingress.spec.unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+    let rules: Vec<(String, String, String, i32)> = spec
+        .rules
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let path = &r.http.as_ref().unwrap().paths[0];
+            let backend = path.backend.service.as_ref().unwrap();
+            (
+                r.host.clone().unwrap(),
+                path.path.clone().unwrap(),
+                backend.name.clone(),
+                backend.port.as_ref().unwrap().number.unwrap(),
+            )
+        })
+        .collect();
+    let p = i32::from(port);
+    assert_eq!(
+        rules,
+        vec![
+            ("abc123.ep.its.test".into(), "/".into(), name.into(), p),
+            ("its.test".into(), "/interactivetool/ep/abc123/xyz/".into(), name.into(), p),
+        ]
+    );
+    let tls: Vec<(Vec<String>, String)> =
+        spec.tls.unwrap().into_iter().map(|t| (t.hosts.unwrap(), t.secret_name.unwrap())).collect();
+    assert_eq!(
+        tls,
+        vec![
+            (vec!["abc123.ep.its.test".to_string()], "abc123-ep-its-test".to_string()),
+            (vec!["its.test".to_string()], "its-test".to_string())
+        ]
+    );
+    // The container knows its entry point, and the Service's endpoints reach the tool.
+    let env = eventually(Duration::from_secs(20), || async { std::fs::read_to_string(&marker).ok() }).await;
+    assert_eq!(env.unwrap().trim(), format!("{port} abc123.ep.its.test /"));
+    let endpoints: kube::Api<Endpoints> = kube::Api::namespaced(h.client.clone(), &h.namespace);
+    let target = eventually(Duration::from_secs(30), || async {
+        let e = endpoints.get_opt(name).await.ok()??;
+        let subset = e.subsets?.into_iter().next()?;
+        let ip = subset.addresses?.first()?.ip.clone();
+        Some(format!("{ip}:{}", subset.ports?.first()?.port))
+    })
+    .await
+    .expect("the Service has a ready endpoint");
+    let url = format!("http://{target}/");
+    let answer = eventually(Duration::from_secs(20), || http_get(&url)).await.expect("the tool answers");
+    assert_eq!(answer, (200, "hello from the tool\n".to_string()));
+    // Cancelled (Galaxy deletes the job): the tool stops, the Service and Ingress go.
+    h.cancel("30").await;
+    let events = h.until_terminal("30").await;
+    assert_eq!(events.last().unwrap().state, JobState::Cancelled);
+    let gone = eventually(Duration::from_secs(30), || async {
+        let none = services.get_opt(name).await.ok()?.is_none() && ingresses.get_opt(name).await.ok()?.is_none();
+        none.then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the Service and Ingress are removed with the job's end");
+    let stopped =
+        eventually(Duration::from_secs(20), || async { http_get(&target).await.is_none().then_some(()) }).await;
+    assert!(stopped.is_some(), "the tool no longer answers");
+    // Outside the policy: refused with the rule, nothing made.
+    let mut evil = request("31", "true");
+    evil["interactive"] = json!({"entry_points": [{"port": port, "domain": "its.test.evil.example", "path": "/"}]});
+    h.submit(&evil).await;
+    let events = h.events_until("31", Duration::from_secs(30), |e| !e.is_empty()).await;
+    assert_eq!(events[0].state, JobState::Failed, "{events:#?}");
+    assert!(events[0].reason.contains("policy_allowed_ingress_domains"), "{}", events[0].reason);
+    assert!(h.jobs().get_opt("galaxy-main-31").await.unwrap().is_none());
+    assert!(services.get_opt("galaxy-main-31").await.unwrap().is_none());
+    h.finish().await;
+}
+
 /// item7: a Job that has the name a request would get but is not that job's Job (another
 /// application's, or another Galaxy job's) is never adopted, replaced, cancelled or reported:
 /// the request is refused (dead-lettered, `failed`), a cancel is answered `cancelled` without

@@ -1,16 +1,20 @@
 """scripts/demo --galaxy: Galaxy 26 with the plugin, the worker and the local Kubernetes;
 uploads a dataset, runs cat1 and a tool that needs more memory than its first destination
-allows, and prints each job's Galaxy states as they change."""
+allows, printing each job's Galaxy states as they change, then an interactive tool: prints its
+entry point URL and the page fetched from it, and stops it from Galaxy."""
 
 import sys
 import time
 
 from harness import (
+    free_port,
     fresh_directory,
     GalaxyServer,
+    http_fetch,
     log_dir,
     Names,
     TERMINAL_JOB_STATES,
+    wait_until,
     Worker,
 )
 
@@ -32,6 +36,30 @@ def follow(api, job_id: str, label: str, started: float) -> dict:
         if last in TERMINAL_JOB_STATES:
             return job
         time.sleep(0.3)
+
+
+def interactive_tool(api, history: str, worker: Worker) -> bool:
+    """Runs e2e_interactive (a web page on a port), prints its entry point URL and the page
+    fetched through the Service the worker made, then stops it from Galaxy; whether it all
+    went as expected."""
+    say("running e2e_interactive (an interactive tool serving a page)")
+    started = time.monotonic()
+    job_id, _ = api.run_tool(history, "e2e_interactive", {"port": free_port()})
+    api.wait_job(job_id, states=("running",))
+    (entry_point,) = wait_until(
+        lambda: [ep for ep in api.get("entry_points", job_id=job_id) if ep.get("target")], "its entry point", 60
+    )
+    name = api.job(job_id)["external_id"]
+    say(f"  entry point URL: {entry_point['target']}")
+    say(f"  (Kubernetes Job {name}: its Service and Ingress route that host to the tool)")
+    target = wait_until(lambda: worker.service_target(name), "the Service's ready endpoint", 60)
+    page = wait_until(lambda: http_fetch(target), "the tool to answer", 60)
+    say(f"  fetched through the Service ({target}): {page.strip()!r}")
+    api.delete(f"entry_points/{entry_point['id']}")
+    job = follow(api, job_id, "e2e_interactive, stopped from Galaxy", started)
+    wait_until(lambda: worker.kube_object("ingress", name) is None, "its Ingress to go", 60)
+    say("  its Service and Ingress are gone with it")
+    return job["state"] == "ok" and page.strip().startswith("hello from ")
 
 
 def main() -> int:
@@ -67,6 +95,7 @@ def main() -> int:
             ok = ok and job["state"] == expect
         say("the OOM-killed first attempt was resubmitted by Galaxy to the bigger destination"
             " (its Kubernetes Job name ends in -2: attempt 2)")
+        ok = interactive_tool(api, history, worker) and ok
         return 0 if ok else 1
     finally:
         galaxy.stop()

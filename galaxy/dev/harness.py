@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,11 @@ ROOT = HERE.parents[1]
 TOOLS = HERE / "tools"
 TERMINAL_JOB_STATES = ("ok", "error", "deleted", "failed", "skipped")
 ADMIN_EMAIL = "admin@example.org"
+
+
+#: Galaxy's ``interactivetools_proxy_host`` in the end-to-end stack (and the worker's allowed
+#: Ingress domain).
+INTERACTIVE_DOMAIN = "its.test"
 
 
 def free_port() -> int:
@@ -107,6 +113,15 @@ def kubectl(*args: str) -> str:
     ).stdout
 
 
+def http_fetch(target: str) -> Optional[str]:
+    """The body ``GET http://<target>/`` answers, or ``None`` when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://{target}/", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
 def galaxy_job_number(job: dict) -> str:
     """Galaxy's (decoded) job id, from the external id ``galaxy-<instance>-<id>`` (a
     resubmission's ends in ``-a<attempt>``)."""
@@ -169,6 +184,9 @@ class Names:
         self.result_exchange = f"{base}.events"
         self.dead_letter_exchange = f"{base}.dead-letter"
         self.dead_letter_queue = f"{base}.dead-letter"
+        # Galaxy's data directory as a claim (sim-node finds it under SIM_NODE_PVC_ROOT), mounted
+        # per job: each job's working directory and datasets as sub-paths
+        self.claim = f"{prefix}-{token}-data"
 
 
 class Worker:
@@ -198,6 +216,9 @@ class Worker:
             AMQP_DEAD_LETTER_INBOX=f"{self.names.dead_letter_queue}.inbox",
             HTTP_LISTEN=f"127.0.0.1:{self.port}",
             WORKER_ID=f"{self.names.instance}-worker",
+            # Galaxy's per-job mounts: its job directories and datasets, never the whole claim
+            POLICY_ALLOWED_PVCS=f"{self.names.claim}/jobs_directory,{self.names.claim}/objects",
+            POLICY_ALLOWED_INGRESS_DOMAINS=INTERACTIVE_DOMAIN,
         )
 
     def cli(self, *args: str) -> str:
@@ -232,6 +253,27 @@ class Worker:
                 [os.environ.get("KUBECTL", "kubectl"), "delete", "namespace", self.names.namespace, "--wait=false"],
                 capture_output=True,
             )
+
+    def kube_object(self, kind: str, name: str) -> Optional[dict]:
+        """One object of the worker's namespace as JSON, or ``None`` when there is none."""
+        try:
+            return json.loads(kubectl("get", kind, name, "-n", self.names.namespace, "-o", "json"))
+        except subprocess.CalledProcessError:
+            return None
+
+    def service_target(self, name: str) -> Optional[str]:
+        """``ip:port`` of the Service ``name``'s first ready endpoint, or ``None``."""
+        endpoints = self.kube_object("endpoints", name) or {}
+        for subset in endpoints.get("subsets") or []:
+            for address in subset.get("addresses") or []:
+                return f"{address['ip']}:{subset['ports'][0]['port']}"
+        return None
+
+    def kube_jobs_all(self, galaxy_job_id) -> list:
+        """The Kubernetes Jobs of one Galaxy job, records of finished ones included."""
+        selector = f"k8s-job-worker/instance-id={self.names.instance},k8s-job-worker/galaxy-job-id={galaxy_job_id}"
+        out = kubectl("get", "jobs", "-n", self.names.namespace, "-l", selector, "-o", "json")
+        return json.loads(out)["items"]
 
     def kube_jobs(self, galaxy_job_id=None) -> list:
         """The live Kubernetes Jobs of this instance (optionally of one Galaxy job); a finished
@@ -316,6 +358,13 @@ class GalaxyServer:
                 "allow_user_creation": True,
                 "require_login": False,
                 "cleanup_job": "never",
+                # interactive tools: entry points under this domain (the worker's policy admits
+                # it), routed by the worker's Ingress; the e2e test reaches the tool through its
+                # Service's endpoints
+                "interactivetools_enable": True,
+                "interactivetools_proxy_host": INTERACTIVE_DOMAIN,
+                # entry point URLs on that domain (the Ingress's), as Galaxy's Helm chart has it
+                "interactivetools_upstream_proxy": False,
                 "monitor_thread_join_timeout": 5,
                 "job_handler_monitor_sleep": 0.2,
                 "job_runner_monitor_sleep": 0.2,
@@ -343,8 +392,9 @@ class GalaxyServer:
         import galaxy.tools
 
         bundled = Path(galaxy.tools.__file__).parent / "bundled"
-        for path in (self.directory / "data", self.marker_dir):
+        for path in (self.data_dir, self.marker_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self.claim_storage()
         self._write_galaxy_yml()
         (self.directory / "job_conf.yml").write_text(yaml.safe_dump(self.job_conf()))
         # cat1 again under another id, mapped to Galaxy's local runner (the benchmark's baseline)
@@ -366,9 +416,28 @@ class GalaxyServer:
 """
         )
 
+    @property
+    def data_dir(self) -> Path:
+        """Galaxy's data directory (the claim of its per-job mounts)."""
+        return self.directory / "data"
+
+    def claim_storage(self) -> bool:
+        """Makes the data directory the claim sim-node mounts from (a link under
+        ``SIM_NODE_PVC_ROOT``); whether sim-node isolates pods (it does as root)."""
+        root = os.environ.get("SIM_NODE_PVC_ROOT")
+        if not root:
+            return False
+        link = Path(root, self.names.claim)
+        if not link.is_symlink():
+            link.symlink_to(self.data_dir.resolve(), target_is_directory=True)
+        return True
+
     def job_conf(self) -> dict:
-        """Galaxy's job configuration: the plugin as runner ``k8s``, the local runner for
-        uploads and for the benchmark's comparison."""
+        """Galaxy's job configuration: the plugin as runner ``k8s`` (each job mounting only its
+        own working directory and datasets, as Galaxy's runner does with
+        ``k8s_working_volume_claim`` / ``k8s_data_volume_claim``), the local runner for uploads
+        and for the benchmark's comparison."""
+        claim = f"{self.names.claim}:{self.data_dir.resolve()}"
         k8s = {
             "load": "k8s_job_worker_galaxy.runner:K8sJobWorkerJobRunner",
             "workers": 4,
@@ -378,6 +447,8 @@ class GalaxyServer:
             "amqp_result_exchange": self.names.result_exchange,
             "k8s_galaxy_instance_id": self.names.instance,
             "max_pod_retries": 0,
+            "k8s_working_volume_claim": claim,
+            "k8s_data_volume_claim": claim,
             **self.extra_runner_params,
         }
         return {

@@ -115,6 +115,43 @@ def optional_str(value: Any, name: str) -> Optional[str]:
     return str(value) if value not in (None, "") else None
 
 
+def group_list(value: Any, name: str) -> Optional[list[int]]:
+    """``k8s_supplemental_group_id`` (one id, as Galaxy's runner takes it) as the request's
+    ``supplemental_groups``."""
+    group = optional_int(value, name)
+    return [group] if group else None
+
+
+def pull_policy(value: Any, name: str) -> Optional[str]:
+    """``k8s_pull_policy`` as Galaxy 26 reads it: ``Always``, ``IfNotPresent`` or ``Never``;
+    anything else (its default ``Default``) leaves the policy unset."""
+    return value if value in ("Always", "IfNotPresent", "Never") else None
+
+
+def extended_resources(value: Any, name: str) -> Optional[dict[str, int]]:
+    """``k8s_extended_resources`` (this plugin's: no Galaxy runner has one), a YAML mapping of
+    extended resources to counts, ``{nvidia.com/gpu: 1}``."""
+    mapping = yaml_param(value, name, dict)
+    if not mapping:
+        return None
+    try:
+        counts = {str(k): int(v) for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        raise MessageError(f"{name} must map extended resources to counts, like {{nvidia.com/gpu: 1}}, not {value!r}")
+    if any(count < 1 for count in counts.values()):
+        raise MessageError(f"{name}: every count must be at least 1, not {value!r}")
+    return counts
+
+
+def pvc_list(value: Any, name: str) -> Optional[list[str]]:
+    """``k8s_persistent_volume_claims`` (``claim[/subpath]:/mount/path[:r]``, comma-separated)
+    as the request's ``volumes``."""
+    if value is None:
+        return None
+    entries = value if isinstance(value, list) else str(value).split(",")
+    return [str(e).strip() for e in entries if str(e).strip()] or None
+
+
 #: Destination parameter → (request field, conversion); ``max_pod_retrials`` is the older
 #: name of ``max_pod_retries`` (the newer wins). Every field is in job-request.v1.json.
 PARAM_FIELDS: tuple[tuple[str, str, Any], ...] = (
@@ -129,7 +166,26 @@ PARAM_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("k8s_run_as_user_id", "run_as_user", optional_int),
     ("k8s_run_as_group_id", "run_as_group", optional_int),
     ("k8s_extra_job_envs", "env", env_list),
+    ("k8s_fs_group_id", "fs_group", optional_int),
+    ("k8s_supplemental_group_id", "supplemental_groups", group_list),
+    ("k8s_pull_policy", "pull_policy", pull_policy),
+    ("k8s_affinity", "affinity", lambda value, name: yaml_param(value, name, dict)),
+    ("k8s_extended_resources", "extended_resources", extended_resources),
+    ("k8s_persistent_volume_claims", "volumes", pvc_list),
 )
+
+
+def job_metadata(value: Any, name: str = "k8s_job_metadata") -> tuple[dict[str, str], dict[str, str]]:
+    """``k8s_job_metadata`` (YAML ``{labels: {...}, annotations: {...}}``, as Galaxy's runner
+    puts it on the pod): its labels and annotations."""
+    metadata = yaml_param(value, name, dict) or {}
+    unknown = set(metadata) - {"labels", "annotations"}
+    if unknown:
+        raise MessageError(f"{name} has labels and annotations only, not {sorted(unknown)}")
+    labels, annotations = metadata.get("labels") or {}, metadata.get("annotations") or {}
+    if not isinstance(labels, dict) or not isinstance(annotations, dict):
+        raise MessageError(f"{name}: labels and annotations are mappings, not {value!r}")
+    return {str(k): str(v) for k, v in labels.items()}, {str(k): str(v) for k, v in annotations.items()}
 
 
 def build_request(
@@ -144,6 +200,8 @@ def build_request(
     params: Optional[dict[str, Any]] = None,
     annotations: Optional[dict[str, str]] = None,
     handler: Optional[str] = None,
+    volumes: Optional[list[str]] = None,
+    interactive: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """A job request (``schemas/job-request.v1.json``) from the job's values and its
     destination parameters (Galaxy 26 Kubernetes runner names, see the README)."""
@@ -166,11 +224,47 @@ def build_request(
         value = convert(params.get(param), param)
         if value is not None:
             request[field] = value
-    if annotations:
-        request["annotations"] = dict(annotations)
+    if volumes:
+        request["volumes"] = [*request.get("volumes", []), *(v for v in volumes if v not in request.get("volumes", []))]
+    labels, extra = job_metadata(params.get("k8s_job_metadata"))
+    if labels:
+        request["labels"] = labels
+    if annotations or extra:
+        request["annotations"] = {**extra, **(annotations or {})}
     if handler:
         request["handler"] = handler
+    if interactive:
+        request["interactive"] = interactive
     return request
+
+
+def entry_point_host(proxy_host: str) -> str:
+    """The host name of ``interactivetools_proxy_host`` (an Ingress rule's host has no port:
+    ``localhost:4002`` routes ``localhost``)."""
+    host = str(proxy_host or "").strip()
+    if host.startswith("[") or host.count(":") != 1:
+        return host
+    return host.split(":", 1)[0]
+
+
+def interactive_request(entry_points: list[dict[str, Any]], params: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The request's ``interactive`` part of an interactive tool: its configured entry points
+    (``port``, ``domain``, ``path``, as Galaxy's runner routes them) and the Ingress settings
+    of the runner parameters (``k8s_interactivetools_*``); ``None`` for a job without entry
+    points."""
+    if not entry_points:
+        return None
+    part: dict[str, Any] = {"entry_points": entry_points}
+    if params.get("k8s_interactivetools_ingress_class"):
+        part["ingress_class"] = str(params["k8s_interactivetools_ingress_class"])
+    if params.get("k8s_interactivetools_use_ssl"):
+        part["tls"] = True
+        if params.get("k8s_interactivetools_tls_secret"):
+            part["tls_secret"] = str(params["k8s_interactivetools_tls_secret"])
+    annotations = string_map(params.get("k8s_interactivetools_ingress_annotations"), "k8s_interactivetools_ingress_annotations")
+    if annotations:
+        part["annotations"] = annotations
+    return part
 
 
 def wire_attempt(attempt: int) -> Optional[int]:
@@ -337,11 +431,14 @@ EVENT_STATES = frozenset(EVENT_ACTIONS)
 TERMINAL_STATES = EVENT_STATES - {"submitted", "running", "unknown"}
 
 
-def decide(event: Event, exit_code_file_exists: bool = False, stopping: bool = False) -> Decision:
+def decide(
+    event: Event, exit_code_file_exists: bool = False, stopping: bool = False, stopped_interactive: bool = False
+) -> Decision:
     """The Galaxy action for an event.
 
     ``exit_code_file_exists``: the job script ran to its end (it wrote the exit code file).
     ``stopping``: Galaxy itself is deleting or stopping the job.
+    ``stopped_interactive``: Galaxy stopped it (not deleted) and it is an interactive tool.
 
     - ``failed`` with an exit code is the tool's own failure when the job script ran: Galaxy
       finishes the job and judges the exit code and stdio rules itself. Without the exit code
@@ -350,15 +447,17 @@ def decide(event: Event, exit_code_file_exists: bool = False, stopping: bool = F
     - ``lost`` (the Job is gone) and ``unknown`` (the worker has no Job of it) finish the job
       when its script ran to its end; otherwise ``lost`` fails it, and ``unknown`` sends the
       request again (its request may still wait in the queue; requests are idempotent).
-    - ``cancelled`` is nothing more when Galaxy asked for it; otherwise someone cancelled the
-      job outside Galaxy, and it fails with the reason.
+    - ``cancelled`` is nothing more when Galaxy asked for it — but an interactive tool Galaxy
+      stopped (its entry point's stop) is finished, as Galaxy's Kubernetes runner finishes it,
+      so what it wrote is kept; otherwise someone cancelled the job outside Galaxy, and it
+      fails with the reason.
     """
     if event.state in ("failed", "lost", "unknown") and exit_code_file_exists and (
         event.state != "failed" or event.exit_code is not None
     ):
         return Decision(Action.FINISH)
     if event.state == "cancelled" and stopping:
-        return Decision(Action.NOTHING)
+        return Decision(Action.FINISH if stopped_interactive else Action.NOTHING)
     if event.state == "failed" and event.exit_code is not None:
         prefix = f"The job script did not run (exit code {event.exit_code}, no exit code file)"
         return Decision(Action.FAIL, runner_states.UNKNOWN_ERROR, f"{prefix}: {event.reason}" if event.reason else prefix)

@@ -33,6 +33,7 @@ from galaxy.jobs.runners import (
     AsynchronousJobState,
 )
 from galaxy.jobs.runners.util import runner_states
+from galaxy.jobs.runners.util.pykube_util import get_volume_mounts_for_job
 
 from . import params as P
 from .amqp import (
@@ -49,7 +50,9 @@ from .messages import (
     build_request,
     decide,
     encode,
+    entry_point_host,
     Event,
+    interactive_request,
     MessageError,
     parse_event,
     wire_attempt,
@@ -75,8 +78,11 @@ RUNNER_PARAM_SPECS: dict[str, dict[str, Any]] = P.runner_param_specs()
 #: the worker answers a recovered job's status with `unknown`.
 REQUEST_FILE = "k8s_job_worker_request.json"
 
+#: Galaxy job states in which Galaxy itself stops the job (an interactive tool's entry point
+#: stopped, an admin's stop); their values (Galaxy's STOPPING is ``stop``).
+STOPPED_STATES = (model.Job.states.STOPPING.value, model.Job.states.STOPPED.value)
 #: Galaxy job states in which Galaxy itself is deleting or stopping the job.
-STOPPING_STATES = ("deleting", "deleted", "deleted_new", "stopping", "stopped")
+STOPPING_STATES = (model.Job.states.DELETING.value, model.Job.states.DELETED.value, "deleted_new", *STOPPED_STATES)
 
 #: Times an event whose effect Galaxy could not record is given back before the job is failed.
 MAX_EVENT_RETRIES = 5
@@ -128,6 +134,7 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         self._init_noop_monitor()
         rp = self.runner_params
         self.instance_id = P.instance_id(rp["k8s_galaxy_instance_id"])
+        P.ingress_api_version(rp["k8s_ingress_api_version"])
         self.amqp_url = P.amqp_url(rp["amqp_url"], rp["amqp_url_env"], rp["amqp_url_file"])
         self.handler = str(app.config.server_name)
         self.tracker = Tracker()
@@ -206,14 +213,65 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         if self.runner_params["k8s_pod_retries"] is not None:
             params.setdefault("max_pod_retries", self.runner_params["k8s_pod_retries"])
         params.update({k: v for k, v in job_wrapper.job_destination.params.items() if k in DESTINATION_PARAMS})
-        for name in ("k8s_run_as_user_id", "k8s_run_as_group_id"):
+        for name in ("k8s_run_as_user_id", "k8s_run_as_group_id", "k8s_fs_group_id", "k8s_supplemental_group_id"):
             if params.get(name) == "$uid":
                 params[name] = os.getuid()
             elif params.get(name) == "$gid":
                 params[name] = self.app.config.gid
         return params
 
-    def job_request(self, job_wrapper, job_state: AsynchronousJobState, attempt: int) -> dict[str, Any]:
+    def job_volumes(self, job_wrapper) -> list[str]:
+        """The per-job mounts of ``k8s_working_volume_claim`` and ``k8s_data_volume_claim`` as
+        Galaxy 26's runner makes them (its own ``get_volume_mounts_for_job``: the job's working
+        directory, its inputs, its outputs' directories, each a sub-path of its claim), in the
+        request's ``claim/sub/path:/mount/path[:r]`` form."""
+        data, working = self.runner_params["k8s_data_volume_claim"], self.runner_params["k8s_working_volume_claim"]
+        if not data and not working:
+            return []
+        mounts = get_volume_mounts_for_job(job_wrapper, data, working)
+        return [
+            f"{m['name']}/{m['subPath']}:{m['mountPath']}{':r' if m['readOnly'] else ''}" if m["subPath"]
+            else f"{m['name']}:{m['mountPath']}{':r' if m['readOnly'] else ''}"
+            for m in mounts
+        ]
+
+    def configure_entry_points(self, job_wrapper) -> list[dict[str, Any]]:
+        """An interactive tool's entry points, configured as Galaxy's runner configures them
+        (``interactivetool_manager``: each port's host is ``manual``, the Ingress routes it),
+        then where each is routed: its port, its domain (``interactivetools_proxy_host``, with
+        its subdomain when it requires a domain) and its path. Empty for other tools."""
+        job = job_wrapper.get_job()
+        # as Galaxy's runner tells an interactive job: guest ports, or entry points of the job
+        guest_ports = job_wrapper.guest_ports or [ep.tool_port for ep in job.interactivetool_entry_points]
+        if not guest_ports:
+            return []
+        manager = self.app.interactivetool_manager
+        ports = {str(port): dict(host="manual", port=port, protocol="https") for port in guest_ports}
+        manager.configure_entry_points(job, ports)
+        proxy_host = entry_point_host(self.app.config.interactivetools_proxy_host)
+        routed = []
+        for entry_point in (ep for ep in job.interactivetool_entry_points if ep.configured and not ep.deleted):
+            path = manager.get_entry_point_path(entry_point).split("?")[0]
+            domain = proxy_host
+            if entry_point.requires_domain:
+                domain = f"{manager.get_entry_point_subdomain(entry_point)}.{proxy_host}"
+                path = "/"
+            routed.append({"port": int(entry_point.tool_port), "domain": domain, "path": path})
+        return routed
+
+    def remove_entry_points(self, job_wrapper) -> None:
+        """An interactive tool's entry points close with its job (Galaxy's runner removes them
+        with its Service and Ingress, which the worker removes)."""
+        try:
+            entry_points = job_wrapper.get_job().interactivetool_entry_points
+            if entry_points:
+                self.app.interactivetool_manager.remove_entry_points(entry_points)
+        except Exception:
+            log.exception("(%s) removing the job's entry points failed", job_wrapper.get_id_tag())
+
+    def job_request(
+        self, job_wrapper, job_state: AsynchronousJobState, attempt: int, entry_points: Optional[list] = None
+    ) -> dict[str, Any]:
         """The request for a prepared job (its job script written to ``job_state.job_file``)."""
         params = self.destination_params(job_wrapper)
         container = self._find_container(job_wrapper)
@@ -236,6 +294,8 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
                 "app.galaxyproject.org/handler": self.handler,
             },
             handler=self.handler,
+            volumes=self.job_volumes(job_wrapper),
+            interactive=interactive_request(entry_points or [], self.runner_params),
         )
 
     def queue_job(self, job_wrapper) -> None:
@@ -260,7 +320,7 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             return
         attempt = galaxy_attempt(h.state for h in job_wrapper.get_job().state_history)
         try:
-            request = self.job_request(job_wrapper, job_state, attempt)
+            request = self.job_request(job_wrapper, job_state, attempt, self.configure_entry_points(job_wrapper))
         except MessageError as e:
             job_wrapper.fail(f"Invalid Kubernetes job parameters: {e}")
             return
@@ -437,8 +497,10 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         if not self.tracker.first_time(event.event_id) and event.state != "unknown":
             ack()
             return
-        stopping = event.state == "cancelled" and self._stopping(tracked)
-        decision = decide(event, os.path.exists(tracked.job_state.exit_code_file), stopping)
+        galaxy_state = self._galaxy_state(tracked) if event.state == "cancelled" else None
+        stopping = galaxy_state in STOPPING_STATES
+        stopped_interactive = galaxy_state in STOPPED_STATES and self._interactive(tracked)
+        decision = decide(event, os.path.exists(tracked.job_state.exit_code_file), stopping, stopped_interactive)
         if decision.action is Action.NOTHING:
             if event.state == "cancelled":
                 self._cancelled(tracked)
@@ -460,18 +522,25 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             job_state.k8s_tracked = tracked
             self.work_queue.put((self._apply_terminal, job_state))
 
-    def _stopping(self, tracked: Tracked) -> bool:
-        """Whether Galaxy itself is deleting or stopping the job (its state as the database
-        has it now)."""
+    def _galaxy_state(self, tracked: Tracked) -> Optional[str]:
+        """The job's state as the database has it now (Galaxy may be deleting or stopping it)."""
         with self._database_scope() as session:
             job = session.get(model.Job, int(tracked.job_id)) if tracked.job_id.isdigit() else None
-            return job is not None and str(job.state) in STOPPING_STATES
+            # an enum member when this session set it, its value when read from the database
+            return None if job is None else str(getattr(job.state, "value", job.state))
+
+    def _interactive(self, tracked: Tracked) -> bool:
+        """Whether the job is an interactive tool's (it has entry points)."""
+        with self._database_scope() as session:
+            job = session.get(model.Job, int(tracked.job_id)) if tracked.job_id.isdigit() else None
+            return job is not None and bool(job.interactivetool_entry_points)
 
     def _cancelled(self, tracked: Tracked) -> None:
         """A cancel Galaxy asked for came back: the job is done with; its working directory
         goes as Galaxy's own runner lets it go (``cleanup_job``)."""
         self.tracker.forget(tracked)
         job_wrapper = tracked.job_state.job_wrapper
+        self.remove_entry_points(job_wrapper)
         if job_wrapper.cleanup_job in ("always", "onsuccess"):
             try:
                 job_wrapper.cleanup()
@@ -580,6 +649,7 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
                 getattr(ack, "retry", lambda: None)()
                 return
         self._event_retries.pop(event.event_id, None)
+        self.remove_entry_points(job_state.job_wrapper)
         self.tracker.forget(tracked)
         ack()
 

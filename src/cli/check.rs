@@ -28,6 +28,17 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
     ("update", "coordination.k8s.io", "leases", ""),
 ];
 
+/// The permissions interactive tools need besides (their Service and Ingress), checked when
+/// `policy_allowed_ingress_domains` admits any.
+pub const ROUTE_PERMISSIONS: &[(&str, &str, &str, &str)] = &[
+    ("get", "", "services", ""),
+    ("create", "", "services", ""),
+    ("delete", "", "services", ""),
+    ("get", "networking.k8s.io", "ingresses", ""),
+    ("create", "networking.k8s.io", "ingresses", ""),
+    ("delete", "networking.k8s.io", "ingresses", ""),
+];
+
 struct Report {
     failures: usize,
 }
@@ -109,7 +120,9 @@ async fn kubernetes(s: &Settings, r: &mut Report) {
         Err(e) => r.fail(&format!("namespace {ns}: {e}")),
     }
     let mut missing = Vec::new();
-    for (verb, group, resource, sub) in PERMISSIONS {
+    let routes = if s.kube.placement.policy_allowed_ingress_domains.0.is_empty() { &[][..] } else { ROUTE_PERMISSIONS };
+    let needed = PERMISSIONS.len() + routes.len();
+    for (verb, group, resource, sub) in PERMISSIONS.iter().chain(routes) {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
@@ -136,7 +149,7 @@ async fn kubernetes(s: &Settings, r: &mut Report) {
         }
     }
     if missing.is_empty() {
-        r.ok(&format!("all {} permissions in namespace {ns}", PERMISSIONS.len()));
+        r.ok(&format!("all {needed} permissions in namespace {ns}"));
     }
     for what in missing {
         r.fail(&format!("missing permission in namespace {ns}: {what} (see deploy/role.yaml)"));

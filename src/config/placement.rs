@@ -4,7 +4,7 @@
 use clap::Args;
 
 use crate::domain::{
-    placement::{KeyPrefixes, List, Mounts, Pairs, Tolerations},
+    placement::{Counts, KeyPrefixes, List, Mounts, Pairs, Tolerations},
     policy::{IdRange, Policy},
     quantity::{parse_cpu_millis, parse_memory_bytes},
     FormatError,
@@ -68,7 +68,9 @@ pub struct PlacementSettings {
     /// Policy: most memory one job may ask for (a quantity: `64G`), in bytes once read.
     #[arg(long, env = "POLICY_MAX_MEMORY", value_parser = parse_memory_bytes)]
     pub policy_max_memory: Option<u64>,
-    /// Policy: PVCs a request may mount (comma-separated; unset: none).
+    /// Policy: PVCs a request may mount, comma-separated: `claim` (any of it) or
+    /// `claim/sub/path` (only sub-paths at or under it, e.g. the Galaxy job and dataset
+    /// directories mounted per job); unset: none.
     #[arg(long, env = "POLICY_ALLOWED_PVCS", default_value = "")]
     pub policy_allowed_pvcs: List,
     /// Policy: node selectors a request may use, `key=value,...` (unset: none).
@@ -96,6 +98,27 @@ pub struct PlacementSettings {
     /// `1000-65535` (unset: a request may not choose; `k8s_run_as_user_id`/`_group_id` apply).
     #[arg(long, env = "POLICY_ALLOWED_RUN_AS_IDS", value_delimiter = ',')]
     pub policy_allowed_run_as_ids: Vec<IdRange>,
+    /// Policy: whether a request may set the pod's affinity (Galaxy's `k8s_affinity` on a
+    /// destination).
+    #[arg(long, env = "POLICY_ALLOW_AFFINITY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub policy_allow_affinity: bool,
+    /// Policy: extended resources a request may ask for, with the most one job may have,
+    /// `nvidia.com/gpu=2,...` (unset: none).
+    #[arg(long, env = "POLICY_ALLOWED_EXTENDED_RESOURCES", default_value = "")]
+    pub policy_allowed_extended_resources: Counts,
+    /// Policy: domains an interactive tool's entry points may be under, each with its
+    /// subdomains (comma-separated, e.g. Galaxy's `interactivetools_proxy_host`; unset: no
+    /// interactive tools).
+    #[arg(long, env = "POLICY_ALLOWED_INGRESS_DOMAINS", default_value = "")]
+    pub policy_allowed_ingress_domains: List,
+    /// Policy: Ingress classes an interactive tool may name (comma-separated; unset: none, the
+    /// cluster's default class applies).
+    #[arg(long, env = "POLICY_ALLOWED_INGRESS_CLASSES", default_value = "")]
+    pub policy_allowed_ingress_classes: List,
+    /// Policy: prefixes of the Ingress annotation keys an interactive tool may set, matched as
+    /// text (comma-separated, e.g. `nginx.ingress.kubernetes.io/proxy-`; unset: none).
+    #[arg(long, env = "POLICY_ALLOWED_INGRESS_ANNOTATIONS", default_value = "")]
+    pub policy_allowed_ingress_annotations: List,
 }
 
 impl PlacementSettings {
@@ -113,6 +136,11 @@ impl PlacementSettings {
             allowed_metadata_prefixes: self.policy_allowed_metadata_prefixes.0.clone(),
             allow_unprefixed_metadata: self.policy_allow_unprefixed_metadata,
             allowed_run_as_ids: self.policy_allowed_run_as_ids.clone(),
+            allow_affinity: self.policy_allow_affinity,
+            allowed_extended_resources: self.policy_allowed_extended_resources.0.clone(),
+            allowed_ingress_domains: self.policy_allowed_ingress_domains.0.clone(),
+            allowed_ingress_classes: self.policy_allowed_ingress_classes.0.clone(),
+            allowed_ingress_annotations: self.policy_allowed_ingress_annotations.0.clone(),
         }
     }
 }

@@ -385,8 +385,8 @@ impl Jobs {
     /// Runs a preempted job again: its kept Job is marked replaced (its end is never
     /// reported) and deleted with its pods, then its next generation — the same spec, a fresh
     /// retrial budget, counted in `resubmissions` ([`render::next_generation`]) — is created.
-    /// Another Job of that name made meanwhile wins.
-    pub async fn resubmit(&self, kept: &Job) -> Result<()> {
+    /// Another Job of that name made meanwhile wins. Returns the new Job when this made it.
+    pub async fn resubmit(&self, kept: &Job) -> Result<Option<Job>> {
         let (name, uid) =
             (kept.metadata.name.as_deref().unwrap_or_default(), kept.metadata.uid.as_deref().unwrap_or_default());
         let next = render::next_generation(kept);
@@ -396,9 +396,9 @@ impl Jobs {
             Ok(created) => {
                 let meta = job_meta(&created.metadata);
                 tracing::info!(job_id = %meta.job_id, job_name = name, resubmissions = meta.resubmissions, "resubmitted after preemption");
-                Ok(())
+                Ok(Some(created))
             }
-            Err(e) if is_code(&e, 409) => Ok(()), // another replica carried it out, or recorded it
+            Err(e) if is_code(&e, 409) => Ok(None), // another replica carried it out, or recorded it
             Err(source) => Err(Error::Kube { verb: "create", source }),
         }
     }

@@ -3,5 +3,6 @@
 pub mod client;
 pub mod jobs;
 pub mod render;
+pub mod routes;
 pub(crate) mod view;
 pub mod watched;

@@ -9,15 +9,25 @@ use k8s_openapi::{
         batch::v1::{Job, JobSpec},
         core::v1::{
             Affinity, Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-            PodTemplateSpec, ResourceRequirements, SecurityContext, Toleration, Volume, VolumeMount,
+            PodTemplateSpec, ResourceRequirements, SecurityContext, Service, ServicePort, ServiceSpec, Toleration,
+            Volume, VolumeMount,
+        },
+        networking::v1::{
+            HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
+            IngressSpec, IngressTLS, ServiceBackendPort,
         },
     },
-    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
 
 use super::view::job_meta;
 use crate::domain::{
     event::JobState,
+    interactive::RoutePlan,
     job::{Identity, JobPlan, Map, Quantities, Record},
     keys::{ANN_CLAIMED, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, FINALIZER, LABEL_RECORD},
     outcome::JobView,
@@ -92,9 +102,16 @@ fn map(m: &Map) -> Option<Map> {
 pub fn job(plan: &JobPlan, namespace: &str) -> Job {
     let c = &plan.container;
     let (volumes, volume_mounts) = volumes(&c.mounts);
+    // Extended resources (GPUs) are limits alone: Kubernetes sets their requests equal.
+    let mut limits = quantities(&c.limits).unwrap_or_default();
+    limits.extend(c.extended.iter().map(|(name, count)| (name.clone(), Quantity(count.to_string()))));
     let resources = some_if(
-        !c.requests.is_empty() || !c.limits.is_empty(),
-        ResourceRequirements { requests: quantities(&c.requests), limits: quantities(&c.limits), ..Default::default() },
+        !c.requests.is_empty() || !limits.is_empty(),
+        ResourceRequirements {
+            requests: quantities(&c.requests),
+            limits: some_if(!limits.is_empty(), limits),
+            ..Default::default()
+        },
     );
     let container = Container {
         name: c.name.clone(),
@@ -258,6 +275,93 @@ pub fn unhold_patch(job: &Job) -> Option<serde_json::Value> {
         {"op": "test", "path": path, "value": FINALIZER},
         {"op": "remove", "path": path},
     ]))
+}
+
+/// The owner reference an object of a Job carries: it goes when the Job goes.
+fn owned_by(job: &Job) -> OwnerReference {
+    OwnerReference {
+        api_version: "batch/v1".into(),
+        kind: "Job".into(),
+        name: job.metadata.name.clone().unwrap_or_default(),
+        uid: job.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(false),
+        block_owner_deletion: None,
+    }
+}
+
+/// The ClusterIP Service and the `networking.k8s.io/v1` Ingress of an interactive Job, named
+/// after it and owned by it, as Galaxy's runner makes them: the Service selects the Job's
+/// pods by its uid (the job controller's `controller-uid` label) and exposes each entry
+/// point's port; the Ingress routes each entry point's host and path (`Prefix`) to it.
+pub fn routes(job: &Job, routes: &RoutePlan) -> (Service, Ingress) {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let meta = |annotations: Option<Map>| ObjectMeta {
+        name: Some(name.clone()),
+        namespace: job.metadata.namespace.clone(),
+        labels: job.metadata.labels.clone(),
+        annotations,
+        owner_references: Some(vec![owned_by(job)]),
+        ..ObjectMeta::default()
+    };
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let service = Service {
+        metadata: meta(None),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(BTreeMap::from([("controller-uid".to_string(), uid)])),
+            ports: Some(
+                routes
+                    .ports
+                    .iter()
+                    .map(|port| ServicePort {
+                        name: Some(format!("port-{port}")),
+                        port: i32::from(*port),
+                        target_port: Some(IntOrString::Int(i32::from(*port))),
+                        protocol: Some("TCP".into()),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    let rules = routes
+        .entry_points
+        .iter()
+        .map(|ep| IngressRule {
+            host: Some(ep.domain.clone()),
+            http: Some(HTTPIngressRuleValue {
+                paths: vec![HTTPIngressPath {
+                    path: Some(ep.path.clone()),
+                    path_type: "Prefix".into(),
+                    backend: IngressBackend {
+                        service: Some(IngressServiceBackend {
+                            name: name.clone(),
+                            port: Some(ServiceBackendPort { number: Some(i32::from(ep.port)), name: None }),
+                        }),
+                        resource: None,
+                    },
+                }],
+            }),
+        })
+        .collect();
+    let tls = routes
+        .tls
+        .iter()
+        .map(|(host, secret)| IngressTLS { hosts: Some(vec![host.clone()]), secret_name: Some(secret.clone()) })
+        .collect::<Vec<_>>();
+    let ingress = Ingress {
+        metadata: meta(map(&routes.annotations)),
+        spec: Some(IngressSpec {
+            ingress_class_name: routes.ingress_class.clone(),
+            rules: Some(rules),
+            tls: some_if(!tls.is_empty(), tls),
+            default_backend: None,
+        }),
+        status: None,
+    };
+    (service, ingress)
 }
 
 #[cfg(test)]

@@ -119,6 +119,53 @@ fn groups_pvc_and_pull_policy() {
 }
 
 #[test]
+fn issue25_per_job_sub_path_mounts_gpus_and_the_requests_groups_reach_the_pod() {
+    let s = settings(&[
+        "--policy-allowed-pvcs",
+        "galaxy-data/jobs,galaxy-data/files",
+        "--policy-allowed-run-as-ids",
+        "1000-2000",
+        "--policy-allowed-extended-resources",
+        "nvidia.com/gpu=1",
+        "--policy-allow-affinity",
+        "true",
+    ]);
+    let job = build(
+        &request(json!({
+            "volumes": ["galaxy-data/jobs/000/42/working:/galaxy/jobs/000/42/working",
+                        "galaxy-data/files/000/dataset_1.dat:/galaxy/files/000/dataset_1.dat:r"],
+            "fs_group": 1500, "supplemental_groups": [1600], "pull_policy": "Never",
+            "affinity": {"nodeAffinity": {}}, "extended_resources": {"nvidia.com/gpu": 1}, "limits_memory": "1Gi"})),
+        &s,
+    )
+    .unwrap();
+    let pod = pod(&job);
+    assert_eq!(pod.volumes.as_ref().unwrap().len(), 1, "one volume per claim");
+    let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+    let seen: Vec<_> = mounts.iter().map(|m| (m.sub_path.as_deref(), m.mount_path.as_str(), m.read_only)).collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("jobs/000/42/working"), "/galaxy/jobs/000/42/working", None),
+            (Some("files/000/dataset_1.dat"), "/galaxy/files/000/dataset_1.dat", Some(true)),
+        ]
+    );
+    let sc = pod.security_context.as_ref().unwrap();
+    assert_eq!((sc.fs_group, sc.supplemental_groups.clone()), (Some(1500), Some(vec![1600])));
+    assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("Never"));
+    assert!(pod.affinity.as_ref().unwrap().node_affinity.is_some());
+    let limits = pod.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(
+        (limits["nvidia.com/gpu"].0.as_str(), limits["memory"].0.as_str()),
+        ("1", "1Gi"),
+        "strings pass through"
+    );
+    // The whole claim is every job's files: refused.
+    let whole = request(json!({"volumes": ["galaxy-data:/galaxy"]}));
+    assert!(matches!(build(&whole, &s), Err(ValidationError::Policy { rule: "policy_allowed_pvcs", .. })));
+}
+
+#[test]
 fn fingerprints_follow_the_request() {
     let a = request(json!({"limits_memory": 1}));
     assert_eq!(fingerprint(&a), fingerprint(&request(json!({"limits_memory": 1}))));
@@ -346,4 +393,43 @@ fn no_privilege_escalation_whatever_the_request() {
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.privileged, None);
     assert_eq!(pod(&job).host_network, None);
+}
+
+#[test]
+fn issue25_an_interactive_jobs_service_and_ingress_name_and_follow_it() {
+    let args = ["--policy-allowed-ingress-domains", "its.example.org", "--policy-allowed-ingress-classes", "nginx"];
+    let asked = json!({"interactive": {
+        "entry_points": [
+            {"port": 8888, "domain": "a1-tok.ep.interactivetool.its.example.org", "path": "/"},
+            {"port": 8888, "domain": "its.example.org", "path": "/interactivetool/ep/a1/tok/"}],
+        "ingress_class": "nginx", "tls": true}});
+    let mut job = with(&args, asked.clone());
+    // The container knows its entry point; the Job keeps its routes.
+    let env = pod(&job).containers[0].env.clone().unwrap();
+    let var = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+    assert_eq!(var("INTERACTIVETOOL_PORT").as_deref(), Some("8888"));
+    assert_eq!(var("INTERACTIVETOOL_DOMAIN").as_deref(), Some("a1-tok.ep.interactivetool.its.example.org"));
+    assert_eq!(var("INTERACTIVETOOL_PATH").as_deref(), Some("/"));
+    job.metadata.uid = Some("uid-1".into());
+    let plan = super::super::routes::routes_of(&job).expect("an interactive Job carries its routes");
+    let (service, ingress) = routes(&job, &plan);
+    for owners in [&service.metadata.owner_references, &ingress.metadata.owner_references] {
+        let owner = &owners.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Job", "galaxy-42", "uid-1"));
+    }
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.selector.unwrap(), BTreeMap::from([("controller-uid".to_string(), "uid-1".to_string())]));
+    assert_eq!(spec.ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>(), [8888], "each port once");
+    let spec = ingress.spec.unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+    let rules = spec.rules.unwrap();
+    assert_eq!(rules[1].host.as_deref(), Some("its.example.org"));
+    let path = &rules[1].http.as_ref().unwrap().paths[0];
+    assert_eq!((path.path.as_deref(), path.path_type.as_str()), (Some("/interactivetool/ep/a1/tok/"), "Prefix"));
+    assert_eq!(path.backend.service.as_ref().unwrap().name, "galaxy-42");
+    let tls = spec.tls.unwrap();
+    assert_eq!(tls[0].secret_name.as_deref(), Some("a1-tok-ep-interactivetool-its-example-org"));
+    // A plain job has none; a domain outside the policy is refused.
+    assert!(super::super::routes::routes_of(&with(&args, json!({}))).is_none());
+    assert_eq!(refused(&["--policy-allowed-ingress-domains", "other.org"], asked), "policy_allowed_ingress_domains");
 }

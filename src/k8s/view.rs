@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::watched::{WatchedJob, WatchedPod};
 use crate::domain::keys::{
     ANN_ATTEMPT, ANN_CANCELLED, ANN_CLAIMED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_HANDLER, ANN_JOB_ID, ANN_REASON,
-    ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, FINALIZER,
+    ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, ANN_ROUTES, FINALIZER,
 };
 use crate::domain::{
     event::JobState,
@@ -40,6 +40,7 @@ pub fn job_meta(metadata: &ObjectMeta) -> JobMeta {
         resubmit_due: ann.get(ANN_RESUBMIT_DUE).and_then(|n| n.parse().ok()),
         recorded_exit_code: ann.get(ANN_EXIT_CODE).and_then(|n| n.parse().ok()),
         recorded_reason: ann.get(ANN_REASON).cloned(),
+        routed: ann.contains_key(ANN_ROUTES),
     }
 }
 

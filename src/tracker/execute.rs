@@ -243,6 +243,15 @@ pub(super) async fn run(
                 continue; // shutting down: a restarted worker reports it again
             }
         }
+        if state.is_terminal() && meta.routed {
+            // An interactive tool's entry points close with it (its Job may stay a while).
+            if let Err(err) = ctx.routes.remove(&meta.name, &meta.uid).await {
+                kube_error(&ctx, "delete", &report, &err);
+                later(&ctx, &report, Duration::ZERO, "delete", |ctx, r| async move {
+                    ctx.routes.remove(&r.meta.name, &r.meta.uid).await
+                });
+            }
+        }
         match plan.cleanup {
             Cleanup::Keep => {}
             now => {

@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 
 use crate::{
+    interactive::{plan_routes, RoutePlan},
     keys::{
         ANN_ATTEMPT, ANN_CANCELLED, ANN_EXIT_CODE, ANN_FINGERPRINT, ANN_HANDLER, ANN_JOB_ID, ANN_REASON,
-        ANN_RECORD_UNTIL, ANN_REPORTED, LABEL_APP, LABEL_INSTANCE, LABEL_JOB_ID, LABEL_RECORD, MANAGED_BY,
+        ANN_RECORD_UNTIL, ANN_REPORTED, ANN_ROUTES, LABEL_APP, LABEL_INSTANCE, LABEL_JOB_ID, LABEL_RECORD, MANAGED_BY,
     },
     naming::{self, Naming},
     outcome::JobMeta,
@@ -61,7 +62,7 @@ impl Identity {
 }
 
 /// Image pull policy (`k8s_pull_policy`); the runner left anything else unset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub enum PullPolicy {
     /// `Always`.
     Always,
@@ -192,6 +193,8 @@ pub struct ContainerPlan {
     pub limits: Quantities,
     /// PVC mounts: the worker's, then the request's.
     pub mounts: Vec<PvcMount>,
+    /// Extended resources (limits, and so requests), by name.
+    pub extended: BTreeMap<String, u64>,
 }
 
 /// Every decision about one Kubernetes Job, ready to be rendered.
@@ -228,6 +231,13 @@ pub struct JobPlan {
     pub affinity: Option<serde_json::Value>,
     /// Priority class.
     pub priority_class: Option<String>,
+}
+
+impl JobPlan {
+    /// The routes of an interactive Job (its Service and Ingress), kept in its annotation.
+    pub fn routes(&self) -> Option<RoutePlan> {
+        self.annotations.get(ANN_ROUTES).and_then(|a| RoutePlan::from_annotation(a))
+    }
 }
 
 /// Fingerprint of a request: equal requests give equal fingerprints.
@@ -338,6 +348,11 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
             annotations: Some(&request.annotations),
             run_as_user: request.run_as_user,
             run_as_group: request.run_as_group,
+            fs_group: request.fs_group,
+            supplemental_groups: &request.supplemental_groups,
+            affinity: request.affinity.is_some(),
+            extended_resources: Some(&request.extended_resources),
+            interactive: request.interactive.as_ref(),
         })
         .map_err(|v| ValidationError::Policy { rule: v.rule, detail: v.detail })?;
 
@@ -359,14 +374,32 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
     let identity = Identity {
         run_as_user: positive(request.run_as_user.or(defaults.identity.run_as_user)),
         run_as_group: positive(request.run_as_group.or(defaults.identity.run_as_group)),
-        fs_group: positive(defaults.identity.fs_group),
-        supplemental_groups: defaults.identity.supplemental_groups.iter().copied().filter(|g| *g > 0).collect(),
+        fs_group: positive(request.fs_group.or(defaults.identity.fs_group)),
+        supplemental_groups: if request.supplemental_groups.is_empty() {
+            &defaults.identity.supplemental_groups
+        } else {
+            &request.supplemental_groups
+        }
+        .iter()
+        .copied()
+        .filter(|g| *g > 0)
+        .collect(),
     };
     let mut node_selector = defaults.node_selector.clone();
     node_selector.extend(request.node_selector.clone());
+    let routes = request.interactive.as_ref().map(plan_routes);
+    let mut env = environment(request, defaults, slots_from, memory_from);
+    let mut annotations = merge([&request.annotations, &defaults.job_annotations, &ours]);
+    if let Some(routes) = &routes {
+        for (name, value) in routes.env() {
+            env.retain(|(n, _)| *n != name);
+            env.push((name, value));
+        }
+        annotations.insert(ANN_ROUTES.into(), routes.to_annotation());
+    }
     Ok(JobPlan {
         labels: merge([&request.labels, &defaults.job_labels, &base]),
-        annotations: merge([&request.annotations, &defaults.job_annotations, &ours]),
+        annotations,
         pod_labels: merge([&request.labels, &defaults.pod_labels, &base]),
         pod_annotations: merge([&request.annotations, &defaults.pod_annotations, &ours]),
         parallelism: 1,
@@ -378,16 +411,17 @@ pub fn plan_job(request: &JobRequest, defaults: &JobDefaults) -> Result<JobPlan,
             image,
             command: vec![request.shell().to_string(), "-c".into(), request.command_line.clone()],
             working_dir: request.working_directory.clone(),
-            env: environment(request, defaults, slots_from, memory_from),
-            pull_policy: defaults.pull_policy,
+            env,
+            pull_policy: request.pull_policy.or(defaults.pull_policy),
             requests,
             limits,
             mounts: defaults.pvcs.iter().cloned().chain(asked_mounts).collect(),
+            extended: request.extended_resources.clone(),
         },
         identity,
         node_selector,
         tolerations: defaults.tolerations.iter().chain(&request.tolerations).cloned().collect(),
-        affinity: defaults.affinity.clone(),
+        affinity: request.affinity.clone().or_else(|| defaults.affinity.clone()),
         priority_class: request.priority_class.clone().or_else(|| defaults.priority_class.clone()),
         name,
     })
@@ -430,6 +464,7 @@ pub fn plan_tombstone(
             requests: Quantities::default(),
             limits: Quantities::default(),
             mounts: Vec::new(),
+            extended: BTreeMap::new(),
         },
         identity: Identity::default(),
         node_selector: Map::new(),
@@ -542,6 +577,41 @@ mod tests {
         let env: Map = plan.container.env.into_iter().collect();
         assert_eq!((env["TMPDIR"].as_str(), env["GALAXY_SLOTS"].as_str()), ("/scratch", "2"));
         assert_eq!((plan.parallelism, plan.backoff_limit), (1, 3));
+    }
+
+    #[test]
+    fn issue25_a_request_may_set_groups_pull_policy_affinity_and_gpus_as_galaxys_destinations_do() {
+        let defaults = JobDefaults {
+            identity: Identity { fs_group: Some(1001), supplemental_groups: vec![2001], ..Identity::default() },
+            pull_policy: Some(PullPolicy::IfNotPresent),
+            policy: Policy {
+                allowed_run_as_ids: vec!["1000-5000".parse().unwrap()],
+                allow_affinity: true,
+                allowed_extended_resources: vec![("nvidia.com/gpu".into(), 1)],
+                ..Policy::default()
+            },
+            ..main()
+        };
+        let plain = plan_job(&request(json!({})), &defaults).unwrap();
+        assert_eq!((plain.identity.fs_group, plain.identity.supplemental_groups.as_slice()), (Some(1001), &[2001][..]));
+        assert_eq!(plain.container.pull_policy, Some(PullPolicy::IfNotPresent));
+        let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}});
+        let asked = request(json!({"fs_group": 3000, "supplemental_groups": [3001, 3002], "pull_policy": "Always",
+            "affinity": affinity, "extended_resources": {"nvidia.com/gpu": 1}}));
+        let plan = plan_job(&asked, &defaults).unwrap();
+        assert_eq!(
+            (plan.identity.fs_group, plan.identity.supplemental_groups.as_slice()),
+            (Some(3000), &[3001, 3002][..])
+        );
+        assert_eq!(plan.container.pull_policy, Some(PullPolicy::Always));
+        assert_eq!(plan.affinity, Some(affinity));
+        assert_eq!(plan.container.extended, BTreeMap::from([("nvidia.com/gpu".to_string(), 1)]));
+        let two = request(json!({"extended_resources": {"nvidia.com/gpu": 2}}));
+        assert!(matches!(
+            plan_job(&two, &defaults),
+            Err(ValidationError::Policy { rule: "policy_allowed_extended_resources", .. })
+        ));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub const ANN_REASON: &str = "k8s-job-worker/reason";
 /// Annotation with the time (RFC 3339) after which a record may be removed.
 pub const ANN_RECORD_UNTIL: &str = "k8s-job-worker/record-until";
 
+/// Annotation with an interactive Job's routes (its Service and Ingress, as JSON): a
+/// resubmitted Job gets them again, and the reporter removes them once its outcome is out.
+pub const ANN_ROUTES: &str = "k8s-job-worker/routes";
+
 /// Finalizer the reporter puts on a Job with the claim of its outcome and takes off when the
 /// event is out (seconds): a Job someone deletes in between (an admin, a namespace cleanup)
 /// stays, terminating, until its outcome is published. No other Job carries it: a running

@@ -5,6 +5,7 @@
 //! - [`request`]: job requests and cancel/status messages, parsed and validated.
 //! - [`job`]: the worker's defaults for every job, and the plan of one Job built from a request.
 //! - [`policy`]: what a request may ask for.
+//! - [`interactive`]: interactive tools' entry points and the Service and Ingress routing to them.
 //! - [`intent`]: the worker's own resubmission intents, and how one is judged.
 //! - [`naming`]: Job names, label values, instance ids.
 //! - [`keys`]: the labels and annotations the worker writes and reads.
@@ -18,6 +19,7 @@
 pub mod decision;
 pub mod event;
 pub mod intent;
+pub mod interactive;
 pub mod job;
 pub mod keys;
 pub mod naming;

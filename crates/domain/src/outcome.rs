@@ -216,6 +216,9 @@ pub struct JobMeta {
     pub recorded_exit_code: Option<i32>,
     /// The reason recorded with the reported state.
     pub recorded_reason: Option<String>,
+    /// Whether it is an interactive Job with a Service and an Ingress (removed once its
+    /// outcome is out).
+    pub routed: bool,
 }
 
 /// The classified state of a Job.

@@ -82,6 +82,29 @@ impl FromStr for Pairs {
     }
 }
 
+/// Extended resources and the most of each one job may ask for, `nvidia.com/gpu=2,...`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts(pub Vec<(String, u64)>);
+
+impl FromStr for Counts {
+    type Err = FormatError;
+
+    fn from_str(text: &str) -> Result<Self, FormatError> {
+        let count = |(name, count): (String, String)| match count.parse::<u64>() {
+            Ok(n) if n > 0 && name.contains('/') => Ok((name, n)),
+            _ => Err(FormatError::new(
+                format!("{name}={count}"),
+                "an extended resource and a count, like nvidia.com/gpu=2",
+            )),
+        };
+        text.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|p| key_value(p).and_then(count))
+            .collect::<Result<_, _>>()
+            .map(Counts)
+    }
+}
+
 /// A comma-separated list, each entry trimmed, empty entries dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct List(pub Vec<String>);

@@ -22,7 +22,9 @@ pub struct Policy {
     pub max_cpu_millis: Option<u64>,
     /// Largest memory a job may ask for, in bytes.
     pub max_memory_bytes: Option<u64>,
-    /// PVCs a request may mount (empty: none beyond the worker's own).
+    /// PVCs a request may mount (empty: none beyond the worker's own): `claim` (any of it) or
+    /// `claim/sub/path` (only sub-paths at or under `sub/path`: per-job mounts of Galaxy's job
+    /// and data directories, never the whole claim).
     pub allowed_pvcs: Vec<String>,
     /// `key=value` node selectors a request may use (empty: none).
     pub allowed_node_selectors: Vec<(String, String)>,
@@ -38,9 +40,25 @@ pub struct Policy {
     pub allowed_metadata_prefixes: Vec<String>,
     /// Whether a request may use label and annotation keys without a prefix.
     pub allow_unprefixed_metadata: bool,
-    /// User and group ids a request may run as (`run_as_user`, `run_as_group`); empty: a
-    /// request may not choose them (the worker's `k8s_run_as_*` apply).
+    /// User and group ids a request may run as (`run_as_user`, `run_as_group`, `fs_group`,
+    /// `supplemental_groups`); empty: a request may not choose them (the worker's settings
+    /// apply).
     pub allowed_run_as_ids: Vec<IdRange>,
+    /// Whether a request may set the pod's affinity.
+    pub allow_affinity: bool,
+    /// Extended resources a request may ask for, each with the most one job may have
+    /// (`nvidia.com/gpu=2`); empty: none.
+    pub allowed_extended_resources: Vec<(String, u64)>,
+    /// Domains an interactive tool's entry points may be under, each with its subdomains
+    /// (empty: no interactive tools).
+    pub allowed_ingress_domains: Vec<String>,
+    /// Ingress classes an interactive tool may name (empty: none; an Ingress without a class
+    /// gets the cluster's default).
+    pub allowed_ingress_classes: Vec<String>,
+    /// Prefixes of the Ingress annotation keys an interactive tool may set (empty: none).
+    /// Matched as text, so `nginx.ingress.kubernetes.io/proxy-` admits the proxy settings and
+    /// not `nginx.ingress.kubernetes.io/configuration-snippet`.
+    pub allowed_ingress_annotations: Vec<String>,
 }
 
 /// An inclusive range of user or group ids, written `1000-65535` (or one id, `1000`).
@@ -94,6 +112,16 @@ pub struct Asked<'a> {
     pub run_as_user: Option<i64>,
     /// The group id the request asks to run as.
     pub run_as_group: Option<i64>,
+    /// The fsGroup the request asks for.
+    pub fs_group: Option<i64>,
+    /// The supplemental groups the request asks for.
+    pub supplemental_groups: &'a [i64],
+    /// Whether the request sets an affinity.
+    pub affinity: bool,
+    /// The extended resources the request asks for.
+    pub extended_resources: Option<&'a BTreeMap<String, u64>>,
+    /// An interactive tool's entry points and Ingress settings.
+    pub interactive: Option<&'a crate::interactive::Interactive>,
 }
 
 /// A broken rule: its name (as configured) and what was asked.
@@ -127,8 +155,12 @@ impl Policy {
                 return fail("policy_max_memory", format!("{mem} bytes of memory asked, at most {max} allowed"));
             }
         }
-        if let Some(pvc) = asked.pvcs.iter().find(|m| !self.allowed_pvcs.contains(&m.claim)) {
-            return fail("policy_allowed_pvcs", format!("PVC {:?} may not be mounted by a request", pvc.claim));
+        if let Some(pvc) = asked.pvcs.iter().find(|m| !self.allowed_pvcs.iter().any(|a| pvc_admits(a, m))) {
+            let what = match &pvc.sub_path {
+                Some(sub) => format!("PVC {:?} at sub-path {sub:?} may not be mounted by a request", pvc.claim),
+                None => format!("PVC {:?} may not be mounted by a request", pvc.claim),
+            };
+            return fail("policy_allowed_pvcs", what);
         }
         for (k, v) in asked.node_selector.into_iter().flatten() {
             if !self.allowed_node_selectors.iter().any(|(ak, av)| ak == k && av == v) {
@@ -177,12 +209,71 @@ impl Policy {
                 }
             }
         }
-        for (what, id) in [("user", asked.run_as_user), ("group", asked.run_as_group)] {
+        let groups = asked.supplemental_groups.iter().map(|g| ("supplemental group", Some(*g)));
+        let ids = [("user", asked.run_as_user), ("group", asked.run_as_group), ("fsGroup", asked.fs_group)];
+        for (what, id) in ids.into_iter().chain(groups) {
             if let Some(id) = id.filter(|id| !self.allowed_run_as_ids.iter().any(|r| (r.first..=r.last).contains(id))) {
                 return fail("policy_allowed_run_as_ids", format!("running as {what} id {id} is not allowed"));
             }
         }
+        if asked.affinity && !self.allow_affinity {
+            return fail("policy_allow_affinity", "a request may not set the pod's affinity".into());
+        }
+        for (name, count) in asked.extended_resources.into_iter().flatten() {
+            match self.allowed_extended_resources.iter().find(|(allowed, _)| allowed == name) {
+                None => return fail("policy_allowed_extended_resources", format!("{name} may not be asked for")),
+                Some((_, most)) if count > most => {
+                    return fail("policy_allowed_extended_resources", format!("{count} {name} asked, at most {most}"));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(interactive) = asked.interactive {
+            self.check_interactive(interactive)?;
+        }
         Ok(())
+    }
+
+    /// Checks an interactive tool's domains, Ingress class and annotations.
+    fn check_interactive(&self, asked: &crate::interactive::Interactive) -> Result<(), Violation> {
+        let fail = |rule, detail: String| Err(Violation { rule, detail });
+        for ep in &asked.entry_points {
+            if !self.allowed_ingress_domains.iter().any(|d| crate::interactive::domain_under(&ep.domain, d)) {
+                return fail(
+                    "policy_allowed_ingress_domains",
+                    format!("entry point domain {:?} is not under an allowed domain", ep.domain),
+                );
+            }
+        }
+        if let Some(class) = asked.ingress_class.as_ref().filter(|c| !self.allowed_ingress_classes.contains(c)) {
+            return fail("policy_allowed_ingress_classes", format!("ingress class {class:?} is not allowed"));
+        }
+        if let Some(key) = asked
+            .annotations
+            .keys()
+            .find(|k| !self.allowed_ingress_annotations.iter().any(|p| k.starts_with(p.as_str())))
+        {
+            return fail("policy_allowed_ingress_annotations", format!("Ingress annotation {key:?} is not allowed"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether the policy entry `allowed` (`claim` or `claim/sub/path`) admits `mount`: the same
+/// claim, and for an entry with a sub-path, a sub-path at or under it (compared by path
+/// components; `..` never gets this far, [`crate::placement::parse_pvc_mount`] refuses it).
+pub fn pvc_admits(allowed: &str, mount: &PvcMount) -> bool {
+    let (claim, under) = match allowed.split_once('/') {
+        Some((claim, under)) => (claim, Some(under.trim_matches('/'))),
+        None => (allowed, None),
+    };
+    if claim != mount.claim {
+        return false;
+    }
+    match (under, mount.sub_path.as_deref()) {
+        (None, _) | (Some(""), _) => true,
+        (Some(_), None) => false,
+        (Some(under), Some(sub)) => sub == under || sub.strip_prefix(under).is_some_and(|rest| rest.starts_with('/')),
     }
 }
 
@@ -262,6 +353,85 @@ mod tests {
         assert_eq!(rule(Asked { node_selector: Some(&sel), ..ok.clone() }), "policy_allowed_node_selectors");
         assert!(p.check(&Asked { shell: Some("/bin/sh"), ..ok.clone() }).is_ok());
         assert_eq!(rule(Asked { shell: Some("/usr/bin/python3"), ..ok.clone() }), "policy_allowed_shells");
+    }
+
+    #[test]
+    fn issue25_a_claim_with_a_sub_path_admits_mounts_under_it_only() {
+        let p = Policy { allowed_pvcs: vec!["galaxy-data/jobs".into(), "refdata".into()], ..Policy::default() };
+        let mount = |claim: &str, sub: Option<&str>| PvcMount {
+            claim: claim.into(),
+            sub_path: sub.map(str::to_string),
+            mount_path: "/x".into(),
+            read_only: false,
+        };
+        let ok = |m: PvcMount| p.check(&Asked { pvcs: &[m], ..Asked::default() }).is_ok();
+        assert!(ok(mount("galaxy-data", Some("jobs/000/12/working"))));
+        assert!(ok(mount("galaxy-data", Some("jobs"))));
+        assert!(!ok(mount("galaxy-data", None)), "the whole claim: every job's files");
+        assert!(!ok(mount("galaxy-data", Some("jobs-other/1"))), "a sibling, not under it");
+        assert!(!ok(mount("galaxy-data", Some("files/000/dataset_1.dat"))));
+        assert!(ok(mount("refdata", None)) && ok(mount("refdata", Some("hg38"))));
+    }
+
+    #[test]
+    fn issue25_groups_affinity_and_extended_resources_are_the_policys_to_admit() {
+        let p = Policy {
+            allowed_run_as_ids: vec!["1000-2000".parse().unwrap()],
+            allowed_extended_resources: vec![("nvidia.com/gpu".into(), 2)],
+            ..Policy::default()
+        };
+        let rule = |a: Asked<'_>| p.check(&a).err().map(|v| v.rule);
+        assert_eq!(rule(Asked { fs_group: Some(1500), ..Asked::default() }), None);
+        assert_eq!(rule(Asked { fs_group: Some(0), ..Asked::default() }), Some("policy_allowed_run_as_ids"));
+        assert_eq!(
+            rule(Asked { supplemental_groups: &[1001, 5], ..Asked::default() }),
+            Some("policy_allowed_run_as_ids")
+        );
+        assert_eq!(rule(Asked { affinity: true, ..Asked::default() }), Some("policy_allow_affinity"));
+        let allowed = Policy { allow_affinity: true, ..p.clone() };
+        assert!(allowed.check(&Asked { affinity: true, ..Asked::default() }).is_ok());
+        let gpus = |n: u64, name: &str| BTreeMap::from([(name.to_string(), n)]);
+        let (two, three, other) = (gpus(2, "nvidia.com/gpu"), gpus(3, "nvidia.com/gpu"), gpus(1, "amd.com/gpu"));
+        assert_eq!(rule(Asked { extended_resources: Some(&two), ..Asked::default() }), None);
+        assert_eq!(
+            rule(Asked { extended_resources: Some(&three), ..Asked::default() }),
+            Some("policy_allowed_extended_resources")
+        );
+        assert_eq!(
+            rule(Asked { extended_resources: Some(&other), ..Asked::default() }),
+            Some("policy_allowed_extended_resources")
+        );
+    }
+
+    #[test]
+    fn issue25_interactive_tools_only_under_allowed_domains_classes_and_annotations() {
+        use crate::interactive::{EntryPoint, Interactive};
+        let p = Policy {
+            allowed_ingress_domains: vec!["its.example.org".into()],
+            allowed_ingress_classes: vec!["nginx".into()],
+            allowed_ingress_annotations: vec!["nginx.ingress.kubernetes.io/proxy-".into()],
+            ..Policy::default()
+        };
+        let it = |domain: &str, class: Option<&str>, annotation: Option<&str>| Interactive {
+            entry_points: vec![EntryPoint { port: 8888, domain: domain.into(), path: "/".into() }],
+            ingress_class: class.map(Into::into),
+            tls: false,
+            tls_secret: None,
+            annotations: annotation.map(|k| BTreeMap::from([(k.to_string(), "1".to_string())])).unwrap_or_default(),
+        };
+        let rule = |i: &Interactive, p: &Policy| {
+            p.check(&Asked { interactive: Some(i), ..Asked::default() }).err().map(|v| v.rule)
+        };
+        let proxy = Some("nginx.ingress.kubernetes.io/proxy-body-size");
+        assert_eq!(rule(&it("a.its.example.org", Some("nginx"), proxy), &p), None);
+        assert_eq!(rule(&it("its.example.org.evil.com", None, None), &p), Some("policy_allowed_ingress_domains"));
+        assert_eq!(rule(&it("a.its.example.org", Some("public"), None), &p), Some("policy_allowed_ingress_classes"));
+        let snippet = Some("nginx.ingress.kubernetes.io/configuration-snippet");
+        assert_eq!(rule(&it("a.its.example.org", None, snippet), &p), Some("policy_allowed_ingress_annotations"));
+        assert_eq!(
+            rule(&it("a.its.example.org", None, None), &Policy::default()),
+            Some("policy_allowed_ingress_domains")
+        );
     }
 
     #[test]

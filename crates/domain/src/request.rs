@@ -88,7 +88,28 @@ pub struct JobRequest {
     /// runAsGroup (overrides `k8s_run_as_group_id`; never 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as_group: Option<i64>,
-    /// PVC mounts `claim[/subpath]:/mount/path[:r]` (each claim must be in `policy_allowed_pvcs`).
+    /// fsGroup (overrides `k8s_fs_group_id`; must be in `policy_allowed_run_as_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_group: Option<i64>,
+    /// supplementalGroups (override `k8s_supplemental_group_id`; each must be in
+    /// `policy_allowed_run_as_ids`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplemental_groups: Vec<i64>,
+    /// Image pull policy (overrides `k8s_pull_policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<super::job::PullPolicy>,
+    /// Pod affinity, as the pod spec writes it (overrides `k8s_affinity`; only when
+    /// `policy_allow_affinity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<BTreeMap<String, serde_json::Value>>")]
+    pub affinity: Option<serde_json::Value>,
+    /// Extended resources by name and count, e.g. `{"nvidia.com/gpu": 1}`: the container's
+    /// limits (and so its requests); each must be in `policy_allowed_extended_resources`, within
+    /// its most.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extended_resources: BTreeMap<String, u64>,
+    /// PVC mounts `claim[/subpath]:/mount/path[:r]` (each must be admitted by
+    /// `policy_allowed_pvcs`: its claim, or its claim and a sub-path under an allowed one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
     /// Extra labels on the Job and its pods (a domain-prefixed key needs its prefix in
@@ -102,6 +123,10 @@ pub struct JobRequest {
     /// it, `<instance>.<handler>.<state>` (see [`crate::naming::routing_word`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,
+    /// An interactive tool's entry points: the worker makes a Service and an Ingress for them,
+    /// owned by the Job (see [`crate::interactive`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive: Option<super::interactive::Interactive>,
 }
 
 /// A container image, as one reference or as Galaxy's destination parameters.
@@ -235,6 +260,14 @@ pub fn readable_attempt(body: &[u8]) -> Option<u32> {
 }
 
 /// Parses a request body; every way it can be wrong becomes a [`ValidationError`].
+/// Whether `name` is an extended resource's: `<domain>/<name>`, not one of Kubernetes' own.
+fn extended_resource(name: &str) -> bool {
+    let Some((domain, rest)) = name.split_once('/') else { return false };
+    let word =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) && s.len() <= 63;
+    domain.contains('.') && !domain.ends_with("kubernetes.io") && domain.split('.').all(word) && word(rest)
+}
+
 pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, ValidationError> {
     if body.len() > max_bytes {
         return Err(ValidationError::TooLarge { size: body.len(), max: max_bytes });
@@ -275,6 +308,19 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
             return Err(ValidationError::invalid("working_directory", "must be an absolute path"));
         }
     }
+    if request.affinity.as_ref().is_some_and(|a| !a.is_object()) {
+        return Err(ValidationError::invalid("affinity", "must be an object, as the pod spec writes it"));
+    }
+    if let Some((name, _)) =
+        request.extended_resources.iter().find(|(name, count)| !extended_resource(name) || **count == 0)
+    {
+        return Err(ValidationError::invalid(
+            "extended_resources",
+            format!(
+                "{name:?}: an extended resource is a domain-prefixed name (nvidia.com/gpu) and a count of at least 1"
+            ),
+        ));
+    }
     for var in &request.env {
         let ok = !var.name.is_empty()
             && !var.name.starts_with(|c: char| c.is_ascii_digit())
@@ -282,6 +328,9 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<JobRequest, Valida
         if !ok {
             return Err(ValidationError::invalid("env", format!("{:?} is not a variable name", var.name)));
         }
+    }
+    if let Some(interactive) = &request.interactive {
+        super::interactive::validate(interactive)?;
     }
     for volume in &request.volumes {
         super::placement::parse_pvc_mount(volume).map_err(|why| ValidationError::invalid("volumes", why))?;
@@ -379,6 +428,28 @@ mod tests {
 
     fn base() -> serde_json::Value {
         json!({"schema": REQUEST_SCHEMA, "job_id": "1", "command_line": "true", "image": "busybox"})
+    }
+
+    #[test]
+    fn issue25_an_affinity_is_an_object_and_an_extended_resource_a_prefixed_name_and_count() {
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = base();
+            v[field] = value;
+            parse(v)
+        };
+        assert!(with("affinity", json!({"nodeAffinity": {}})).is_ok());
+        assert!(with("affinity", json!("nodeAffinity")).is_err());
+        assert!(with("extended_resources", json!({"nvidia.com/gpu": 1})).is_ok());
+        for bad in [
+            json!({"gpu": 1}),
+            json!({"nvidia.com/gpu": 0}),
+            json!({"kubernetes.io/cpu": 1}),
+            json!({"nvidia.com/": 1}),
+        ] {
+            assert!(with("extended_resources", bad.clone()).is_err(), "{bad}");
+        }
+        assert!(with("pull_policy", json!("Always")).is_ok());
+        assert!(with("pull_policy", json!("Sometimes")).is_err());
     }
 
     #[test]

@@ -9,12 +9,16 @@ Runs after test_galaxy.py on the same worker and Galaxy (the session's stack).
 
 import os
 import sqlite3
+import urllib.parse
 
 import pytest
 from harness import (
     Broker,
     finishing_lines,
+    free_port,
     galaxy_job_number,
+    http_fetch,
+    INTERACTIVE_DOMAIN,
     process_alive,
     wait_until,
 )
@@ -157,3 +161,73 @@ def test_12_two_handlers_each_finish_their_own_jobs_once(stack, history):
             assert received == []
     finally:
         second.stop()
+
+
+def test_13_a_job_sees_its_own_files_not_another_jobs_working_directory(stack, history):
+    """Per-job volumes (``k8s_working_volume_claim`` / ``k8s_data_volume_claim``): every job of
+    this stack mounts only its working directory and its datasets from Galaxy's data claim.
+    A job pointed at another job's script cannot read it; the file is there for Galaxy."""
+    if not os.environ.get("SIM_NODE_PVC_ROOT"):
+        pytest.skip("sim-node mounts claims only as root (SIM_NODE_PVC_ROOT unset): nothing isolates pods here")
+    history_id, dataset_id = history
+    # another job's working directory: a cat1 run's, with its job script
+    other_id, (other_output,) = stack.api.run_tool(history_id, "cat1", {"input1": {"src": "hda", "id": dataset_id}})
+    other = stack.api.wait_job(other_id)
+    assert other["state"] == "ok", other  # it read its input and wrote its output through its own mounts
+    number = galaxy_job_number(other)
+    (script,) = stack.galaxy.data_dir.glob(f"jobs_directory/*/{number}/galaxy_{number}.sh")
+    assert script.exists()
+    job_id, (output,) = stack.api.run_tool(history_id, "e2e_peek", {"path": str(script)})
+    job = stack.api.wait_job(job_id)
+    assert job["state"] == "error", job
+    assert "No such file or directory" in job["tool_stderr"], job["tool_stderr"]
+    # the worker mounted sub-paths of the claim, never the claim itself
+    (kube_job,) = [j for j in stack.worker.kube_jobs_all(galaxy_job_number(job))]
+    mounts = kube_job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert mounts and all(m.get("subPath", "").startswith(("jobs_directory/", "objects/")) for m in mounts), mounts
+
+
+def test_14_an_interactive_tool_is_reachable_at_its_entry_point_until_it_is_stopped(stack, history):
+    """Issue 25, interactive tools: Galaxy configures the job's entry point (as its own
+    Kubernetes runner does), the worker makes a Service and an Ingress routing the entry
+    point's domain to the tool, and the tool answers through the Service; stopping the tool
+    from Galaxy (its entry point's stop) stops the process, removes both and finishes the job
+    (as Galaxy's runner finishes a stopped interactive tool)."""
+    history_id, _ = history
+    port = free_port()
+    job_id, _ = stack.api.run_tool(history_id, "e2e_interactive", {"port": port})
+    stack.api.wait_job(job_id, states=("running",))
+    (entry_point,) = wait_until(
+        lambda: [ep for ep in stack.api.get("entry_points", job_id=job_id) if ep.get("target")],
+        "Galaxy to configure the entry point",
+        60,
+    )
+    assert entry_point["active"], entry_point
+    host = urllib.parse.urlsplit(entry_point["target"]).hostname
+    assert host.endswith(f".{INTERACTIVE_DOMAIN}"), entry_point
+    # the worker's Service and Ingress, owned by the job's Kubernetes Job
+    (kube_job,) = stack.worker.kube_jobs(galaxy_job_number(stack.api.job(job_id)))
+    name, worker = kube_job["metadata"]["name"], stack.worker
+    service, ingress = worker.kube_object("service", name), worker.kube_object("ingress", name)
+    for made in (service, ingress):
+        assert made and made["metadata"]["ownerReferences"][0]["uid"] == kube_job["metadata"]["uid"], made
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == host, (rule, entry_point)
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": name, "port": {"number": port}}
+    # the tool answers through the Service, and knows its domain
+    target = wait_until(lambda: worker.service_target(name), "the Service's ready endpoint", 60)
+    page = wait_until(lambda: http_fetch(target), "the tool to answer", 60)
+    assert page.strip() == f"hello from {host}", page
+    # stopped from Galaxy (the entry point's stop): the job ends, the tool stops, routes go
+    stack.api.delete(f"entry_points/{entry_point['id']}")
+    wait_until(lambda: http_fetch(target) is None, "the tool to stop", 60)
+    wait_until(
+        lambda: worker.kube_object("service", name) is None and worker.kube_object("ingress", name) is None,
+        "the Service and Ingress to go",
+        60,
+    )
+    # finished as Galaxy's runner finishes a stopped interactive tool: what it wrote is kept
+    job = stack.api.wait_job(job_id)
+    assert job["state"] == "ok", job
+    assert not [ep for ep in stack.api.get("entry_points", job_id=job_id) if ep.get("active")]

@@ -40,6 +40,8 @@ from k8s_job_worker_galaxy.runner import K8sJobWorkerJobRunner
 
 CAT1 = Path(galaxy.tools.__file__).parent / "bundled" / "filters" / "catWrapper.xml"
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+#: The end-to-end tests' tools (galaxy/dev/tools).
+TOOLS = Path(__file__).resolve().parents[2] / "dev" / "tools"
 
 
 class GalaxyFixture(UsesTools):

@@ -167,6 +167,8 @@ def test_a_cancel_galaxy_asked_for_is_nothing_more_one_it_did_not_fails_the_job(
     decision = decide(cancelled, stopping=False)
     assert (decision.action, decision.runner_state) == (Action.FAIL, runner_states.UNKNOWN_ERROR)
     assert "outside Galaxy" in decision.message and "k8s-job-worker cancel" in decision.message
+    # an interactive tool Galaxy stopped is finished, as Galaxy's Kubernetes runner finishes it
+    assert decide(cancelled, stopping=True, stopped_interactive=True).action is Action.FINISH
 
 
 def test_a_failure_whose_job_script_never_ran_fails_with_the_workers_reason():

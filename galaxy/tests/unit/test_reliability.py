@@ -348,7 +348,9 @@ def test_item6_the_parameter_tables_cover_galaxys_own_runner_and_the_docs_name_t
     assert runner <= set(specs)
     # every destination parameter Galaxy 26 reads is sent with the request or refused at load
     assert destination - set(P.DESTINATION_PARAMS) - set(P.DESTINATION_REFUSED) == set()
+    assert runner == set(P.GALAXY_26), "the parity table has exactly Galaxy 26's runner parameters"
     docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "galaxy.md")).read()
+    assert P.parity_table() in docs, "docs/galaxy.md: paste `python -m k8s_job_worker_galaxy.params` again"
     undocumented = [
         name for name in [*specs, *destination]
         if f"`{name}`" not in docs and not (name.startswith("k8s_interactivetools_") and "`k8s_interactivetools_*`" in docs)
@@ -367,9 +369,9 @@ def test_item6_a_destination_setting_a_refused_parameter_is_refused_when_galaxy_
     job_config = galaxy.app.job_config
     saved = (getattr(job_config, "runner_plugins", None), dict(job_config.destinations))
     job_config.runner_plugins = [{"id": "k8s", "load": "k8s_job_worker_galaxy.runner:K8sJobWorkerJobRunner"}]
-    job_config.destinations["affine"] = [JobDestination(id="affine", runner="k8s", params={"k8s_affinity": "{}"})]
+    job_config.destinations["elsewhere"] = [JobDestination(id="elsewhere", runner="k8s", params={"k8s_namespace": "other"})]
     try:
-        with pytest.raises(P.ConfigurationError, match="destination 'affine' sets k8s_affinity"):
+        with pytest.raises(P.ConfigurationError, match="destination 'elsewhere' sets k8s_namespace: the worker's namespace"):
             make_runner(galaxy)
     finally:
         job_config.runner_plugins = saved[0]

@@ -6,6 +6,7 @@
 //! container configuration errors for matching image names, finalises deleted pods, and serves container logs on the kubelet
 //! port so `GET .../pods/NAME/log` works through the apiserver.
 
+mod claims;
 mod logs;
 mod node;
 mod runner;
@@ -67,6 +68,15 @@ pub struct Args {
     /// Interval between memory samples of a running container, in milliseconds.
     #[arg(long, default_value_t = 50)]
     memory_sample_ms: u64,
+    /// Where claims live: claim `X` is `<pvc-root>/X`, and a pod's process sees only its claim
+    /// mounts of them (a mount namespace of its own; needs root). Unset: claims are not mounted.
+    #[arg(long)]
+    pvc_root: Option<PathBuf>,
+    /// The pods' (and the node's) IP, as their status says. Processes run on the host
+    /// network, so a Service's endpoints reach them at this address; the endpoints controller
+    /// refuses loopback addresses, so give the host's own (testenv does).
+    #[arg(long, default_value = "127.0.0.1")]
+    pod_ip: String,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -95,7 +105,12 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if args.pvc_root.is_some() && unsafe { libc::geteuid() } != 0 {
+        tracing::warn!("--pvc-root needs root (a mount namespace per pod): claims are not mounted");
+        args.pvc_root = None;
+    }
     let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
         .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;

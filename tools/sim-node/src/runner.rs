@@ -122,7 +122,7 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
     }
     let running = |ready| {
         json!({
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
+            "phase": "Running", "hostIP": sim.args.pod_ip, "podIP": sim.args.pod_ip, "startTime": started,
             "conditions": conditions(ready, None),
             "containerStatuses": [container_status(&container, &pod, json!({"running": {"startedAt": started}}), ready)],
         })
@@ -150,6 +150,7 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
             }
         }
     };
+    let _ = std::fs::remove_dir_all(staging_dir(&sim, &pod)); // empty files and directories
     let phase = if termination.exit_code == 0 { "Succeeded" } else { "Failed" };
     let state = json!({"terminated": {
         "exitCode": termination.exit_code, "reason": termination.reason, "message": termination.message,
@@ -161,7 +162,7 @@ pub async fn run_pod(sim: Arc<Sim>, pod: Pod, mut stop: oneshot::Receiver<()>) {
         &sim,
         &pod,
         json!({
-            "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
+            "phase": phase, "hostIP": sim.args.pod_ip, "podIP": sim.args.pod_ip, "startTime": started,
             "reason": pod_reason, "message": pod_message,
             "conditions": conditions(false, Some("PodCompleted")),
             "containerStatuses": [container_status(&container, &pod, state, false)],
@@ -213,7 +214,20 @@ fn spawn(sim: &Sim, pod: &Pod, c: &Container) -> Result<tokio::process::Child, S
     for var in c.env.iter().flatten() {
         cmd.env(&var.name, var.value.clone().unwrap_or_default());
     }
+    if let Some(root) = &sim.args.pvc_root {
+        let plan = crate::claims::plan(root, pod, c)?;
+        if !plan.binds.is_empty() {
+            let staging = staging_dir(sim, pod);
+            let cwd = c.working_dir.as_deref().map(std::path::Path::new);
+            crate::claims::isolate(&mut cmd, &plan, &staging, cwd).map_err(|e| format!("mounting claims: {e}"))?;
+        }
+    }
     cmd.spawn().map_err(|e| format!("starting {program}: {e}"))
+}
+
+/// Where a pod's claim mounts stop first (see [`crate::claims::isolate`]).
+fn staging_dir(sim: &Sim, pod: &Pod) -> std::path::PathBuf {
+    sim.args.work_dir.join("mounts").join(pod.uid().unwrap_or_default())
 }
 
 /// Waits for the process; kills its group when it exceeds `limit` (OOMKilled) or on `stop`.
@@ -309,7 +323,7 @@ async fn keep_waiting(
     let started = now(); // set once, as a kubelet does: it times the pull failure
     let waiting = |reason: &str, message: String| {
         json!({
-            "phase": "Pending", "hostIP": "127.0.0.1", "startTime": started,
+            "phase": "Pending", "hostIP": sim.args.pod_ip, "startTime": started,
             "conditions": conditions(false, Some("ContainersNotReady")),
             "containerStatuses": [container_status(c, pod, json!({"waiting": {"reason": reason, "message": message}}), false)],
         })

@@ -104,6 +104,24 @@ pub async fn drop_namespace_and_wait(client: &Client, name: &str, timeout: Durat
     }
 }
 
+/// Polls `read` every 200 ms until it gives `Some` (returned), for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut read: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = read().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Polls `check` every 100 ms until it is true; panics after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

@@ -15,7 +15,7 @@ use std::{
 };
 
 pub use broker::{amqp_url, GalaxyClient, Names};
-pub use cluster::{apiserver_address, drop_namespace, kube_client, kubeconfig_via, namespace, wait_for};
+pub use cluster::{apiserver_address, drop_namespace, eventually, kube_client, kubeconfig_via, namespace, wait_for};
 use futures::StreamExt;
 use k8s_job_worker::domain::event::JobEvent;
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
