@@ -501,6 +501,23 @@ async fn issue25_interactive_tools_get_a_service_and_ingress_that_go_with_them()
     assert!(events[0].reason.contains("policy_allowed_ingress_domains"), "{}", events[0].reason);
     assert!(h.jobs().get_opt("galaxy-main-31").await.unwrap().is_none());
     assert!(services.get_opt("galaxy-main-31").await.unwrap().is_none());
+    // Owned by the Job: with no worker left to remove them, they go when the Job goes (an
+    // admin's `kubectl delete job`, its TTL) — Kubernetes' garbage collector.
+    let mut kept = request("32", "exec sleep 300");
+    kept["interactive"] = json!({"entry_points": [{"port": port, "domain": "its.test", "path": "/"}]});
+    h.submit(&kept).await;
+    h.events_until("32", Duration::from_secs(30), |e| e.iter().any(|e| e.state == JobState::Submitted)).await;
+    assert!(services.get_opt("galaxy-main-32").await.unwrap().is_some());
+    h.kill_worker();
+    // as `kubectl delete job` does (the API's own default for Jobs orphans their dependents)
+    h.jobs().delete("galaxy-main-32", &kube::api::DeleteParams::background()).await.unwrap();
+    let collected = eventually(Duration::from_secs(60), || async {
+        let none = services.get_opt("galaxy-main-32").await.ok()?.is_none()
+            && ingresses.get_opt("galaxy-main-32").await.ok()?.is_none();
+        none.then_some(())
+    })
+    .await;
+    assert!(collected.is_some(), "the Service and Ingress are collected with their Job");
     h.finish().await;
 }
 
