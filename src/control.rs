@@ -16,8 +16,8 @@ use crate::{
     domain::{
         event::{JobEvent, JobState, Subject},
         intent::{self, JobResubmit, Verdict},
-        job::{plan_record, plan_tombstone, Record},
         outcome::{self, JobMeta},
+        record::{plan_record, plan_tombstone, Record},
         request::{self, ControlAction, ControlMessage, JobControl},
         ValidationError,
     },

@@ -497,9 +497,9 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
         if not self.tracker.first_time(event.event_id) and event.state != "unknown":
             ack()
             return
-        galaxy_state = self._galaxy_state(tracked) if event.state == "cancelled" else None
+        galaxy_state, interactive = self._galaxy_state(tracked) if event.state == "cancelled" else (None, False)
         stopping = galaxy_state in STOPPING_STATES
-        stopped_interactive = galaxy_state in STOPPED_STATES and self._interactive(tracked)
+        stopped_interactive = galaxy_state in STOPPED_STATES and interactive
         decision = decide(event, os.path.exists(tracked.job_state.exit_code_file), stopping, stopped_interactive)
         if decision.action is Action.NOTHING:
             if event.state == "cancelled":
@@ -522,18 +522,15 @@ class K8sJobWorkerJobRunner(AsynchronousJobRunner[AsynchronousJobState]):
             job_state.k8s_tracked = tracked
             self.work_queue.put((self._apply_terminal, job_state))
 
-    def _galaxy_state(self, tracked: Tracked) -> Optional[str]:
-        """The job's state as the database has it now (Galaxy may be deleting or stopping it)."""
+    def _galaxy_state(self, tracked: Tracked) -> tuple[Optional[str], bool]:
+        """The job's state as the database has it now (Galaxy may be deleting or stopping it),
+        and whether it is an interactive tool's (it has entry points)."""
         with self._database_scope() as session:
             job = session.get(model.Job, int(tracked.job_id)) if tracked.job_id.isdigit() else None
+            if job is None:
+                return None, False
             # an enum member when this session set it, its value when read from the database
-            return None if job is None else str(getattr(job.state, "value", job.state))
-
-    def _interactive(self, tracked: Tracked) -> bool:
-        """Whether the job is an interactive tool's (it has entry points)."""
-        with self._database_scope() as session:
-            job = session.get(model.Job, int(tracked.job_id)) if tracked.job_id.isdigit() else None
-            return job is not None and bool(job.interactivetool_entry_points)
+            return str(getattr(job.state, "value", job.state)), bool(job.interactivetool_entry_points)
 
     def _cancelled(self, tracked: Tracked) -> None:
         """A cancel Galaxy asked for came back: the job is done with; its working directory

@@ -29,10 +29,10 @@ use crate::{
     domain::{
         decision::JobAction,
         event::{self, JobState},
-        job::Record,
         keys::{ANN_CANCELLED, ANN_RECORD_UNTIL, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMIT_DUE, FINALIZER, LABEL_APP},
         outcome::{JobMeta, JobView, PodView},
         ownership::Owner,
+        record::Record,
         ValidationError,
     },
     error::{Error, Result},
@@ -74,7 +74,8 @@ pub enum Claim {
     Changed,
 }
 
-fn is_code(err: &kube::Error, code: u16) -> bool {
+/// Whether the apiserver answered with this status code.
+pub(super) fn is_code(err: &kube::Error, code: u16) -> bool {
     matches!(err, kube::Error::Api(e) if e.code == code)
 }
 

@@ -28,10 +28,11 @@ use super::view::job_meta;
 use crate::domain::{
     event::JobState,
     interactive::RoutePlan,
-    job::{Identity, JobPlan, Map, Quantities, Record},
+    job::{Identity, JobPlan, Map, Quantities},
     keys::{ANN_CLAIMED, ANN_REPLACED, ANN_REPORTED, ANN_RESUBMISSIONS, ANN_RESUBMIT_DUE, FINALIZER, LABEL_RECORD},
     outcome::JobView,
     placement::PvcMount,
+    record::Record,
 };
 
 fn some_if<T>(keep: bool, value: T) -> Option<T> {

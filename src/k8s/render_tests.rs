@@ -8,8 +8,9 @@ use super::*;
 use crate::{
     config::Settings,
     domain::{
-        job::{fingerprint, plan_job, plan_tombstone, walltime, JobDefaults},
+        job::{fingerprint, plan_job, walltime, JobDefaults},
         keys::{ANN_CANCELLED, ANN_FINGERPRINT, LABEL_INSTANCE, LABEL_JOB_ID},
+        record::plan_tombstone,
         request::{parse_request, JobRequest},
         ValidationError,
     },
@@ -250,7 +251,7 @@ fn run_as_user_and_group() {
 
 #[test]
 fn item7_a_record_is_kept_from_when_it_is_made_not_from_when_the_job_ended() {
-    use crate::domain::{event::JobState, job::Record, outcome::JobView};
+    use crate::domain::{event::JobState, outcome::JobView, record::Record};
     let now: jiff::Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
     let record = Record::kept(JobState::Succeeded, Some(0), "done", std::time::Duration::from_secs(86_400), now);
     assert_eq!(record.until, "2026-01-03T00:00:00Z");

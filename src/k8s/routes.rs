@@ -14,7 +14,7 @@ use kube::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::render;
+use super::{jobs::is_code, render};
 use crate::{
     domain::{interactive::RoutePlan, keys::ANN_ROUTES, ValidationError},
     error::{Error, Result},
@@ -48,13 +48,6 @@ pub struct Routes {
 /// Whether an object is owned by the Job with this uid.
 fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
     meta.owner_references.iter().flatten().any(|o| o.kind == "Job" && o.uid == uid)
-}
-
-fn code(err: &kube::Error) -> Option<u16> {
-    match err {
-        kube::Error::Api(e) => Some(e.code),
-        _ => None,
-    }
 }
 
 /// The routes a Job's annotation carries, if it is an interactive one.
@@ -102,7 +95,7 @@ async fn ensure_one<K: Routing>(api: &Api<K>, object: &K, uid: &str) -> Result<(
     for _ in 0..TRIES {
         match api.create(&PostParams::default(), object).await {
             Ok(_) => return Ok(()),
-            Err(e) if code(&e) == Some(409) => {}
+            Err(e) if is_code(&e, 409) => {}
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                 let what = format!("the apiserver refused the {} {name}: {}", K::kind(&()), e.message);
                 return Err(ValidationError::invalid("interactive", what).into());
@@ -136,7 +129,7 @@ async fn delete_exactly<K: Routing>(api: &Api<K>, existing: &K) -> Result<()> {
     };
     match api.delete(&existing.name_any(), &dp).await {
         Ok(_) => Ok(()),
-        Err(e) if matches!(code(&e), Some(404 | 409)) => Ok(()),
+        Err(e) if is_code(&e, 404) || is_code(&e, 409) => Ok(()),
         Err(source) => Err(Error::Kube { verb: "delete", source }),
     }
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`request`]: job requests and cancel/status messages, parsed and validated.
 //! - [`job`]: the worker's defaults for every job, and the plan of one Job built from a request.
+//! - [`record`]: tombstones and records of outcomes, the Jobs without pods that only remember.
 //! - [`policy`]: what a request may ask for.
 //! - [`interactive`]: interactive tools' entry points and the Service and Ingress routing to them.
 //! - [`intent`]: the worker's own resubmission intents, and how one is judged.
@@ -28,6 +29,7 @@ pub mod ownership;
 pub mod placement;
 pub mod policy;
 pub mod quantity;
+pub mod record;
 pub mod request;
 pub mod resources;
 pub mod state;

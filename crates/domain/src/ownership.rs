@@ -74,11 +74,7 @@ impl Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        job::{plan_tombstone, JobDefaults},
-        keys::LABEL_APP,
-        naming::Naming,
-    };
+    use crate::{job::JobDefaults, keys::LABEL_APP, naming::Naming, record::plan_tombstone};
 
     fn main() -> Naming {
         Naming { prefix: "galaxy".into(), instance_id: Some("main".into()) }
